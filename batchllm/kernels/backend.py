@@ -1,0 +1,28 @@
+"""The attention backend protocol and how one is chosen."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from batchllm.kernels.metadata import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store k/v of the new tokens at ``meta.slot_mapping``, then attend each new token
+        causally over its sequence's whole context (cached + new)."""
+        ...

@@ -1,0 +1,55 @@
+"""Per-step attention metadata: what every attention backend reads, built once per engine step.
+
+A step runs a flat batch of new tokens from several sequences. Sequence ``i`` owns the new
+tokens ``query_start_loc[i]:query_start_loc[i+1]``; they sit at positions
+``context_len[i] .. seq_lens[i]-1`` of that sequence, where ``context_len = seq_lens - query_len``
+is what is already in the KV cache::
+
+    positions of seq i:  0 ........ context_len-1 | context_len ...... seq_len-1
+                         cached KV (block table)   | new tokens (this step)
+
+The KV cache of one layer is a pair ``(k_cache, v_cache)``, each
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Position ``p`` of seq ``i`` lives in block
+``block_tables[i, p // block_size]`` at offset ``p % block_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecodeGroups:
+    """Rows of a decode step that share leading KV blocks (a shared prefix).
+
+    Sequences of one group are contiguous in the batch. Every sequence in group ``g`` has the
+    same first ``shared_blocks[g]`` block-table entries (full blocks only), so a prefix-aware
+    kernel may read those blocks once for the whole group.
+    """
+
+    group_start_loc: torch.Tensor  # [num_groups + 1] int32, over sequences
+    shared_blocks: torch.Tensor  # [num_groups] int32
+    max_group_size: int
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative new-token counts
+    seq_lens: torch.Tensor  # [num_seqs] int32, cached + new tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, block * block_size + offset of each new token
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: tuple[int, ...]  # host copies, so loops need no device sync
+    seq_lens_cpu: tuple[int, ...]
+    decode_groups: DecodeGroups | None = None  # set only when every query length is 1
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
