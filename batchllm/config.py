@@ -75,10 +75,16 @@ class JobSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     report: Path | None = None
     progress: bool = True
+    run_dir: Path | None = None  # None: <output>.run/ next to the output
+    window_rows: int = 250_000  # rows planned and run together (one prefix tree per window)
 
     def __post_init__(self) -> None:
         if self.format is not None:
             _check_choice("format", self.format, ("parquet", "jsonl"))
+        if self.window_rows < 1:
+            raise ValueError(f"window must be >= 1 rows, got {self.window_rows}")
+        if self.run_dir is None:
+            object.__setattr__(self, "run_dir", self.output.with_name(self.output.name + ".run"))
 
 
 def parse_memory(text: str) -> float:

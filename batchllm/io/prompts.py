@@ -1,0 +1,83 @@
+"""Row texts -> prompts -> token ids, exactly as transformers would feed them to the model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchllm.errors import JobError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    token_ids: list[np.ndarray | None]  # int32 [prompt_len] per row; None where the row failed
+    errors: list[str | None]  # why a row failed; None on success
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Prompter:
+    """plain: prompt = prefix + text, tokenized with the tokenizer's defaults (its special tokens too).
+    chat: the chat template renders [system: prefix (when given), user: text] plus the generation prompt;
+    the rendered string already holds every special token, so it is tokenized without adding more
+    (what `apply_chat_template(tokenize=True)` does)."""
+
+    def __init__(self, tokenizer: Any, prefix: str | None, chat: bool) -> None:
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise JobError(
+                "--chat needs a tokenizer with a chat template, and this model's tokenizer has none"
+            )
+        self.tokenizer = tokenizer
+        self.prefix = prefix
+        self.chat = chat
+
+    def render(self, texts: list[str]) -> list[str]:
+        """The prompt strings for these texts."""
+        if not self.chat:
+            prefix = self.prefix or ""
+            return [prefix + t for t in texts]
+        system = [{"role": "system", "content": self.prefix}] if self.prefix is not None else []
+        conversations = [[*system, {"role": "user", "content": t}] for t in texts]
+        if not conversations:
+            return []
+        return self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, texts: list[str | None], text_errors: list[str | None] | None = None) -> PromptBatch:
+        """Token ids per row; a row without text gets its text error, one the tokenizer rejects gets that."""
+        if text_errors is not None and len(text_errors) != len(texts):
+            raise ValueError(f"{len(text_errors)} text errors for {len(texts)} texts")
+        reasons = text_errors or [None] * len(texts)
+        errors = [None if t is not None else (reason or "text is null") for t, reason in zip(texts, reasons)]
+        token_ids: list[np.ndarray | None] = [None] * len(texts)
+        rows = [i for i, t in enumerate(texts) if t is not None]
+        encoded = self._encode_all([t for t in texts if t is not None])
+        for i, (ids, error) in zip(rows, encoded):
+            token_ids[i], errors[i] = ids, error
+        return PromptBatch(token_ids, errors)
+
+    def _encode_all(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+        try:
+            ids = self._tokenize(self.render(texts))
+        except Exception:  # noqa: BLE001 - the tokenizer's error types vary; find the bad rows one by one
+            logger.debug("batch tokenization failed; encoding %d rows one by one", len(texts))
+            return [self._encode_one(t) for t in texts]
+        return [(np.asarray(row, dtype=np.int32), None) for row in ids]
+
+    def _encode_one(self, text: str) -> tuple[np.ndarray | None, str | None]:
+        try:
+            (ids,) = self._tokenize(self.render([text]))
+        except Exception as e:  # noqa: BLE001 - any rejection is this row's error, not the job's
+            return None, f"tokenizer rejected the text: {e}"
+        return np.asarray(ids, dtype=np.int32), None
+
+    def _tokenize(self, prompts: list[str]) -> list[list[int]]:
+        if not prompts:
+            return []
+        extra = {"add_special_tokens": False} if self.chat else {}
+        return self.tokenizer(prompts, return_attention_mask=False, **extra)["input_ids"]

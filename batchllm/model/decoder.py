@@ -1,0 +1,96 @@
+"""The causal decoder shared by Llama, Mistral, Qwen2 and Qwen3, and its paged KV cache.
+
+One forward runs a flat, varlen batch of new tokens from many sequences; attention goes
+through an AttentionBackend that reads and writes the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchllm.kernels.backend import AttentionBackend, KVCache
+from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.model.config import ModelConfig
+from batchllm.model.layers import MLP, Attention, RMSNorm, empty_param, rope_cos_sin, rope_inv_freq
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.attn = Attention(config, dtype, device)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [T, 1, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = x + self.attn(self.input_norm(x), cos_sin, kv_cache, meta, backend)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class CausalLM(nn.Module):
+    """Parameters start empty on ``device``; ``batchllm.model.loader.load_model`` fills them."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        )
+        # A plain attribute, not a buffer: it is computed, never loaded, and stays float32.
+        self.inv_freq = rope_inv_freq(config).to(device)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # [vocab, hidden]
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden], after the final norm
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos_sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos_sin, kv_cache, meta, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
+        return F.linear(hidden, self.lm_head_weight).float()
+
+
+def allocate_kv_caches(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[KVCache]:
+    """One (k_cache, v_cache) per layer, each [num_blocks, block_size, kv_heads, head_dim].
+
+    Zero-filled, not empty: padded gathers read unused slots under a zero attention weight, and
+    0 * NaN from uninitialised memory would still poison the output.
+    """
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_layers)
+    ]
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers, K and V together."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_size

@@ -1,0 +1,63 @@
+"""Progress while generating: a rich bar on a terminal, periodic one-line log records otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+log = logging.getLogger("batchllm")
+
+
+class RowProgress:
+    def __init__(self, total_rows: int, enabled: bool = True, log_every_s: float = 30.0) -> None:
+        self.total = total_rows
+        self.done = 0
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.start = time.perf_counter()
+        self.enabled = enabled
+        self._log_every = log_every_s
+        self._last_log = self.start
+        self._bar: Progress | None = None
+        if enabled and sys.stderr.isatty():
+            self._bar = Progress(
+                TextColumn("[bold]generating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self._task = self._bar.add_task("rows", total=total_rows, rate="")
+            self._bar.start()
+
+    def advance(self, rows: int, prompt_tokens: int, output_tokens: int) -> None:
+        self.done += rows
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += output_tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if self._bar is not None:
+            rate = (
+                f"in {self.prompt_tokens / elapsed:,.0f} tok/s  out {self.output_tokens / elapsed:,.0f} tok/s"
+            )
+            self._bar.update(self._task, completed=self.done, rate=rate)
+        elif self.enabled and time.perf_counter() - self._last_log >= self._log_every:
+            self._last_log = time.perf_counter()
+            log.info(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate else float("nan")
+        return (
+            f"rows {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
+            f"  in {self.prompt_tokens / elapsed:,.0f} tok/s  out {self.output_tokens / elapsed:,.0f} tok/s"
+            f"  eta {eta:,.0f}s"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,113 @@
+"""Turns a StepPlan into tensors, runs the model over the paged KV cache, and samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from batchllm.config import SamplingParams
+from batchllm.kernels.backend import AttentionBackend, KVCache
+from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
+from batchllm.sampling import sample
+from batchllm.scheduler.scheduler import Chunk, StepPlan
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[KVCache],
+        backend: AttentionBackend,
+        block_size: int,
+        sampling: SamplingParams,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.sampling = sampling
+        self.device = kv_caches[0][0].device
+        self.group_decode = backend.name == "triton"
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Runs one step; returns the sampled token of every chunk with ``sample``, in plan order."""
+        self._copy_blocks(plan.block_copies)
+        input_ids, positions, meta = self._prepare(plan.chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        last = [i for i, c in enumerate(plan.chunks) if c.sample]
+        if not last:
+            return []
+        ends = meta.query_start_loc[1:].to(torch.long) - 1
+        logits = self.model.compute_logits(hidden[ends[last]])
+        sampled = [plan.chunks[i] for i in last]
+        keys = [c.seq.sample_key for c in sampled]
+        steps = [c.seq.num_tokens - c.seq.prompt_len for c in sampled]
+        return sample(logits, self.sampling, keys, steps)
+
+    def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """Give sequences their private copy of a shared prefix's last, partial block."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+    def _prepare(self, chunks: tuple[Chunk, ...]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        ids, positions, slots = [], [], []
+        query_lens, seq_lens = [], []
+        max_blocks = max(-(-c.end // bs) for c in chunks)
+        tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        for i, c in enumerate(chunks):
+            table = c.seq.block_table[: -(-c.end // bs)]
+            tables[i, : len(table)] = table
+            pos = np.arange(c.start, c.end, dtype=np.int64)
+            ids.append(c.seq.token_ids[c.start : c.end])
+            positions.append(pos)
+            slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
+            query_lens.append(c.num_tokens)
+            seq_lens.append(c.end)
+        qsl = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=qsl[1:])
+        to_dev = self._to_device
+        meta = AttentionMetadata(
+            query_start_loc=to_dev(qsl),
+            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=to_dev(tables),
+            slot_mapping=to_dev(np.concatenate(slots)),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=tuple(query_lens),
+            seq_lens_cpu=tuple(seq_lens),
+            decode_groups=self._decode_groups(chunks) if max(query_lens) == 1 else None,
+        )
+        flat_ids = np.fromiter((t for seq_ids in ids for t in seq_ids), dtype=np.int64)
+        return to_dev(flat_ids), to_dev(np.concatenate(positions)), meta
+
+    def _decode_groups(self, chunks: tuple[Chunk, ...]) -> DecodeGroups | None:
+        """Consecutive rows under the same prefix form a group that shares its borrowed blocks."""
+        if not self.group_decode:
+            return None
+        starts, shared = [0], []
+        for i, c in enumerate(chunks):
+            if i and c.seq.parent is not None and c.seq.parent is chunks[i - 1].seq.parent:
+                continue
+            if i:
+                starts.append(i)
+            shared.append(c.seq.num_borrowed_blocks)
+        starts.append(len(chunks))
+        sizes = np.diff(starts)
+        return DecodeGroups(
+            group_start_loc=self._to_device(np.asarray(starts, dtype=np.int32)),
+            shared_blocks=self._to_device(np.asarray(shared, dtype=np.int32)),
+            max_group_size=int(sizes.max()),
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor

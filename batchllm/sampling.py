@@ -1,0 +1,52 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p with a random stream per row.
+
+A row's randomness is a pure function of (seed, row key, position): the uniform number that picks
+its token at generation step ``t`` is derived by hashing, so a row's output does not depend on which
+rows share its batch, the order of work, the token budget, or preemptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from batchllm.config import SamplingParams
+
+
+def row_key(seed: int, row_id: object) -> int:
+    """A 64-bit key for one row's random stream, stable across runs and processes."""
+    digest = hashlib.blake2b(f"{seed}\x00{row_id!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def uniform(key: int, step: int) -> float:
+    """A number in [0, 1) for generation step ``step`` of the row with ``key``."""
+    digest = hashlib.blake2b(step.to_bytes(8, "little"), key=key.to_bytes(8, "little"), digest_size=8)
+    return (int.from_bytes(digest.digest(), "little") >> 11) / float(1 << 53)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, keys: list[int], steps: list[int]) -> list[int]:
+    """Pick one token per row. ``logits``: [num_rows, vocab] float32."""
+    if params.greedy:
+        return logits.argmax(dim=-1).tolist()
+    probs = _filtered_probs(logits.float() / params.temperature, params)
+    u = torch.tensor([uniform(k, s) for k, s in zip(keys, steps)], dtype=probs.dtype, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    # Inverse-CDF draw; clamp guards against a cdf that ends a hair below u after rounding.
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    return picks.clamp_(max=logits.shape[-1] - 1).tolist()
+
+
+def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always the first).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs

@@ -1,0 +1,55 @@
+"""One unit of engine work: a row to generate for, or a shared prefix to prefill once."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SeqKind(enum.Enum):
+    ROW = "row"  # a prompt that is prefilled, then decoded until it stops
+    PREFIX = "prefix"  # a shared prefix: prefilled once, its KV then lent to every sequence beneath it
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token state and KV blocks of one sequence.
+
+    Like vLLM's scheduler, there are no prefill/decode phases: ``num_computed`` (tokens whose KV is
+    in the cache) catches up with ``len(token_ids)`` under the step's token budget::
+
+        token_ids:  [ parent prefix | own prompt tokens | generated tokens ]
+                      ^ KV borrowed    ^ computed here     ^ the last one is fed to the next step
+        block_table: [ parent's full blocks (retained) | own blocks ... ]
+    """
+
+    seq_id: int  # the row index for rows, the plan's node id for prefixes
+    kind: SeqKind
+    token_ids: list[int]
+    prompt_len: int
+    parent: Sequence | None = None  # the PREFIX whose KV this sequence starts from
+    pending_rows: int = 0  # PREFIX: rows beneath that have not finished yet
+    sample_key: int = 0  # ROW: seeds this row's random stream
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_borrowed_blocks: int = 0  # leading entries of block_table retained from the parent
+    prefilled: bool = False  # PREFIX: all its tokens are in the cache
+    finish_reason: str | None = None
+    preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV this sequence borrows instead of computing."""
+        return self.parent.prompt_len if self.parent is not None else 0
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def is_row(self) -> bool:
+        return self.kind is SeqKind.ROW

@@ -1,0 +1,34 @@
+"""When a row stops (EOS, length, stop string) and what text it returns."""
+
+from __future__ import annotations
+
+from batchllm.config import SamplingParams
+
+
+class StopChecker:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        self.params = params
+        # Enough trailing tokens to contain any stop string (a token is at least one byte).
+        self._tail = max((len(s.encode()) for s in params.stop), default=0) + 8
+
+    def check(self, output_ids: list[int]) -> str | None:
+        """The finish reason after the latest token, or None to go on."""
+        if output_ids[-1] in self.eos:
+            return "stop"
+        if self.params.stop and self._hits_stop(output_ids):
+            return "stop"
+        if len(output_ids) >= self.params.max_new_tokens:
+            return "length"
+        return None
+
+    def text(self, output_ids: list[int]) -> str:
+        """The decoded output, cut before the first stop string."""
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+    def _hits_stop(self, output_ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(output_ids[-self._tail :], skip_special_tokens=True)
+        return any(s in tail for s in self.params.stop)

@@ -1,0 +1,85 @@
+"""A window of input rows: read, tokenized and checked, then turned into engine work by the plan."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from batchllm.io.prompts import Prompter
+from batchllm.io.reader import InputSource
+from batchllm.prefix_tree.plan import Plan
+from batchllm.sampling import row_key
+from batchllm.scheduler.sequence import SeqKind, Sequence
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # input row index of the window's first row
+    ids: pa.Array
+    keep: pa.Table | None
+    token_ids: list[np.ndarray | None]
+    errors: list[str | None]  # a row-level error, or None when the row can run
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def runnable(self) -> np.ndarray:
+        """Window-local indices of the rows that can run."""
+        return np.fromiter((i for i, e in enumerate(self.errors) if e is None), dtype=np.int64)
+
+
+def read_windows(
+    source: InputSource, prompter: Prompter, window_rows: int, max_new_tokens: int, max_positions: int
+) -> Iterator[Window]:
+    for batch in source.iter_batches(rows_per_batch=window_rows):
+        prompts = prompter.encode(batch.texts, batch.text_errors)
+        errors = [
+            err or length_error(ids, max_new_tokens, max_positions)
+            for ids, err in zip(prompts.token_ids, prompts.errors)
+        ]
+        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors)
+
+
+def length_error(token_ids: np.ndarray | None, max_new_tokens: int, max_positions: int) -> str | None:
+    n = 0 if token_ids is None else len(token_ids)
+    if n == 0:
+        return "the prompt is empty (0 tokens)"
+    if n + max_new_tokens > max_positions:
+        return (
+            f"prompt has {n} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+            f"{max_positions} positions"
+        )
+    return None
+
+
+def plan_sequences(plan: Plan, prompts: list[np.ndarray], keys: list[int]) -> Iterator[Sequence]:
+    """Engine work in plan order: each shared prefix just before the first row beneath it.
+
+    ``prompts[i]`` / ``keys[i]`` belong to planned row ``i``; a row's ``seq_id`` is ``i``.
+    """
+    nodes: dict[int, Sequence] = {}
+
+    def node_seq(node_id: int) -> Iterator[Sequence]:
+        if node_id == 0 or node_id in nodes:
+            return
+        node = plan.node(node_id)
+        yield from node_seq(node.parent)
+        tokens = prompts[node.source_row][: node.length].tolist()
+        seq = Sequence(node_id, SeqKind.PREFIX, tokens, node.length, parent=nodes.get(node.parent))
+        seq.pending_rows = node.num_rows
+        nodes[node_id] = seq
+        yield seq
+
+    for row in plan.row_order.tolist():
+        node_id = int(plan.row_node[row])
+        yield from node_seq(node_id)
+        tokens = prompts[row].tolist()
+        yield Sequence(row, SeqKind.ROW, tokens, len(tokens), parent=nodes.get(node_id), sample_key=keys[row])
+
+
+def row_keys(seed: int, ids: pa.Array, rows: np.ndarray) -> list[int]:
+    values = ids.take(pa.array(rows)).to_pylist()
+    return [row_key(seed, v) for v in values]
