@@ -17,7 +17,7 @@ from batchllm.errors import JobError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference with global prefix sharing."
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 Opt = typer.Option
 

@@ -6,6 +6,7 @@ are random, saved with `save_pretrained` so they load like any Hugging Face chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -26,6 +27,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,23 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 BOS_TOKEN = "<|bos|>"
 
+# Files that make up a saved tokenizer (transformers 5 writes the chat template to its own file).
+_TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens", "chat_template", "added_tokens", "vocab", "merges")
+
 _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
 }
+
+# Init scales found by measuring greedy output on random prompts: prompt-dependent, varied text with
+# EOS in roughly a quarter of 16-token continuations. A larger embedding than _EMBED_STD makes tied
+# models repeat the last input token (its own logit e.e dominates); a larger _PROJ_GAIN makes the
+# network more chaotic, so float32 rounding differences flip more near-tied argmaxes.
+_EMBED_STD = 0.15
+_PROJ_GAIN = 1.25
+_EOS_ROW_SCALE = 1.4
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -216,27 +229,39 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _widen_init(model, eos_id)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with _no_progress_bar():
+        model.save_pretrained(out_dir, safe_serialization=True)
     _write_generation_config(out_dir, config, eos_ids=[eos_id, tokenizer.convert_tokens_to_ids(IM_END)])
+    logger.debug("saved a random %s model (%d parameters) to %s", family, model.num_parameters(), out_dir)
     return out_dir
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """Silence transformers' "Writing model shards" bar (it clutters `batchllm demo`), then restore it."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
     if not (src / "tokenizer.json").is_file():
         raise ValueError(f"{src} holds no tokenizer.json; train one with train_tokenizer() first")
     for path in src.iterdir():
-        if path.is_file() and (path.name.startswith("tokenizer") or path.name.startswith("special_tokens")):
-            shutil.copy2(path, dst / path.name)
-        elif path.is_file() and path.name.startswith("chat_template"):
+        if path.is_file() and path.name.startswith(_TOKENIZER_FILE_PREFIXES):
             shutil.copy2(path, dst / path.name)
 
 
 @torch.no_grad()
 def _widen_init(model: PreTrainedModel, eos_id: int) -> None:
-    """Redraw the weights so that activations stay O(1) and logits spread over several units.
+    """Redraw the weights so that greedy decoding depends on the prompt and does not loop at once.
 
-    Projections get std 1/sqrt(fan_in) (unit gain), the embedding std 1, norm weights around 1
-    and biases small but non-zero, so a loader that drops a norm or a bias gives different tokens.
+    Projections get std _PROJ_GAIN/sqrt(fan_in); norm weights are drawn around 1 and biases are
+    non-zero, so that a loader that drops a norm weight or a bias gives different tokens.
     """
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -244,12 +269,12 @@ def _widen_init(model: PreTrainedModel, eos_id: int) -> None:
         elif name.endswith(".bias"):
             param.normal_(0.0, 0.2)
         elif "embed_tokens" in name:
-            param.normal_(0.0, float(__import__("os").environ.get("EMB","1.0")))
+            param.normal_(0.0, _EMBED_STD)
         elif param.dim() == 2:
-            param.normal_(0.0, float(__import__("os").environ.get("GAIN","1.5")) / param.shape[1] ** 0.5)
+            param.normal_(0.0, _PROJ_GAIN / param.shape[1] ** 0.5)
     # Rows of the output layer with a larger norm win the argmax more often: make EOS one of them,
     # so that generation sometimes stops early and sometimes runs to max_new_tokens.
-    model.get_output_embeddings().weight[eos_id] *= float(__import__("os").environ.get("EOSS","1.6"))
+    model.get_output_embeddings().weight[eos_id] *= _EOS_ROW_SCALE
 
 
 def _write_generation_config(out_dir: Path, config: PretrainedConfig, eos_ids: list[int]) -> None:

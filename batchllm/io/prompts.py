@@ -64,7 +64,7 @@ class Prompter:
     def _encode_all(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
         try:
             ids = self._tokenize(self.render(texts))
-        except Exception:  # noqa: BLE001 - the tokenizer's error types vary; find the bad rows one by one
+        except Exception:  # the tokenizer's error types vary; find the bad rows one by one
             logger.debug("batch tokenization failed; encoding %d rows one by one", len(texts))
             return [self._encode_one(t) for t in texts]
         return [(np.asarray(row, dtype=np.int32), None) for row in ids]
@@ -72,7 +72,7 @@ class Prompter:
     def _encode_one(self, text: str) -> tuple[np.ndarray | None, str | None]:
         try:
             (ids,) = self._tokenize(self.render([text]))
-        except Exception as e:  # noqa: BLE001 - any rejection is this row's error, not the job's
+        except Exception as e:  # any rejection is this row's error, not the job's
             return None, f"tokenizer rejected the text: {e}"
         return np.asarray(ids, dtype=np.int32), None
 

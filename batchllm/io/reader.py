@@ -59,28 +59,19 @@ class InputSource(ABC):
             raise ValueError(f"start must be in [0, {self.num_rows}], got {start}")
         row = start
         for chunk in self._tables(rows_per_batch, start):
-            if isinstance(chunk, pa.Table):
-                batch = self._batch_from_table(row, chunk)
-            else:
-                batch = self._batch_from_rows(row, chunk)
+            is_table = isinstance(chunk, pa.Table)
+            batch = self._batch_from_table(row, chunk) if is_table else self._batch_from_rows(row, chunk)
             yield batch
             row += len(batch)
 
-    def _needed(self) -> list[str]:
-        return list(
-            dict.fromkeys([self.column, *([self.id_column] if self.id_column else []), *self.keep_columns])
-        )
-
-    def _row_ids(self, start: int, n: int) -> pa.Array:
-        return pa.array(np.arange(start, start + n, dtype=np.int64))
+    def _ids(self, start: int, n: int, read: pa.Array | None) -> pa.Array:
+        return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
 
     def _batch_from_table(self, start: int, table: pa.Table) -> RowBatch:
         texts, errors = _arrow_texts(table.column(self.column))
         ids = table.column(self.id_column).combine_chunks() if self.id_column else None
         keep = table.select(list(self.keep_columns)) if self.keep_columns else None
-        return RowBatch(
-            start, ids if ids is not None else self._row_ids(start, len(texts)), texts, errors, keep
-        )
+        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep)
 
     def _batch_from_rows(self, start: int, rows: list[dict]) -> RowBatch:
         raise NotImplementedError  # only JSONL falls back to parsed Python rows
@@ -109,22 +100,19 @@ def _python_text(value: object) -> tuple[str | None, str | None]:
     return None, f"text is not a string ({kind})"
 
 
-# ---------------------------------------------------------------------------------------------- Parquet
-
-
 @dataclass(frozen=True)
 class ParquetSource(InputSource):
     def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table]:
-        pf = pq.ParquetFile(self.path)
-        group, skip = 0, start
-        while group < pf.num_row_groups and skip >= pf.metadata.row_group(group).num_rows:
-            skip -= pf.metadata.row_group(group).num_rows  # skip whole row groups without reading them
-            group += 1
-        groups = list(range(group, pf.num_row_groups))
-        if not groups:
-            return
-        batches = pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=self._needed())
-        yield from _rebatch(batches, rows_per_batch, skip)
+        columns = _needed_columns(self.column, self.id_column, self.keep_columns)
+        with pq.ParquetFile(self.path) as pf:
+            group, skip = 0, start
+            while group < pf.num_row_groups and skip >= pf.metadata.row_group(group).num_rows:
+                skip -= pf.metadata.row_group(group).num_rows  # skip whole row groups without reading them
+                group += 1
+            groups = list(range(group, pf.num_row_groups))
+            if groups:
+                batches = pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=columns)
+                yield from _rebatch(batches, rows_per_batch, skip)
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], size: int, skip: int) -> Iterator[pa.Table]:
@@ -149,13 +137,10 @@ def _rebatch(batches: Iterator[pa.RecordBatch], size: int, skip: int) -> Iterato
 
 def _open_parquet(path: Path) -> tuple[int, list[str]]:
     try:
-        pf = pq.ParquetFile(path)  # reads the footer only
+        with pq.ParquetFile(path) as pf:  # reads the footer only
+            return pf.metadata.num_rows, list(pf.schema_arrow.names)
     except (OSError, pa.ArrowException) as e:
         raise JobError(f"cannot read {path} as Parquet: {e}") from e
-    return pf.metadata.num_rows, list(pf.schema_arrow.names)
-
-
-# ------------------------------------------------------------------------------------------------ JSONL
 
 
 @dataclass(frozen=True)
@@ -168,11 +153,11 @@ class JsonlSource(InputSource):
 
     def _batch_from_rows(self, start: int, rows: list[dict]) -> RowBatch:
         texts, errors = zip(*(_python_text(r.get(self.column)) for r in rows)) if rows else ((), ())
-        ids = self._python_column(rows, self.id_column) if self.id_column else self._row_ids(start, len(rows))
+        ids = self._python_column(rows, self.id_column) if self.id_column else None
         keep = None
         if self.keep_columns:
             keep = pa.table({k: self._python_column(rows, k) for k in self.keep_columns})
-        return RowBatch(start, ids, list(texts), list(errors), keep)
+        return RowBatch(start, self._ids(start, len(rows), ids), list(texts), list(errors), keep)
 
     def _python_column(self, rows: list[dict], name: str) -> pa.Array:
         return pa.array([r.get(name) for r in rows], type=self.schema.field(name).type)
@@ -277,15 +262,13 @@ def _json_type(kind: pa.DataType | None) -> pa.DataType | None:
 
 def _merge_types(old: pa.DataType | None, new: pa.DataType | None) -> pa.DataType | None:
     new = _json_type(new)
-    if old is None or new is None or old == new:
-        return None if old is None or new is None else old
-    try:
-        merged = pa.unify_schemas(
-            [pa.schema([("c", old)]), pa.schema([("c", new)])], promote_options="permissive"
-        )
+    if old is None or new is None:
+        return None
+    schemas = [pa.schema([("c", old)]), pa.schema([("c", new)])]
+    try:  # null -> anything, int64 + double -> double; string + int64 -> no single type
+        return pa.unify_schemas(schemas, promote_options="permissive").field("c").type
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
-    return merged.field("c").type
 
 
 def _open_jsonl(path: Path, column: str, id_column: str | None, keep: tuple[str, ...]) -> JsonlSource:
@@ -296,7 +279,7 @@ def _open_jsonl(path: Path, column: str, id_column: str | None, keep: tuple[str,
     columns = list(types)
     _check_columns(path, columns, column, id_column, keep)
     fields = []
-    for name in dict.fromkeys([column, *([id_column] if id_column else []), *keep]):
+    for name in _needed_columns(column, id_column, keep):
         kind = types[name]
         if kind is None and name != column:
             raise JobError(f"column {name!r} in {path} holds values of incompatible types; it cannot be kept")
@@ -304,7 +287,8 @@ def _open_jsonl(path: Path, column: str, id_column: str | None, keep: tuple[str,
     return JsonlSource(path, num_rows, columns, column, id_column, keep, pa.schema(fields))
 
 
-# ------------------------------------------------------------------------------------------------- open
+def _needed_columns(column: str, id_column: str | None, keep: tuple[str, ...]) -> list[str]:
+    return list(dict.fromkeys([column, *([id_column] if id_column else []), *keep]))
 
 
 def _check_columns(

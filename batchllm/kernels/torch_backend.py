@@ -110,7 +110,7 @@ def decode_attention(
     max_len = meta.max_seq_len
     table = meta.block_tables[:, : math.ceil(max_len / block_size)].long()
     # GQA without copying K/V per head: the q heads of one kv head act as its query rows.
-    qg = q.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
+    qg = q.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
     mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:, None]  # [num_seqs, max_len]
     rows = max(1, _DECODE_GATHER_ELEMENTS // (max_len * kv_heads * head_dim))
     outs = []

@@ -27,7 +27,8 @@ _ARCH_BY_MODEL_TYPE = {
 }
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
-RopeScaling = tuple[tuple[str, Any], ...]  # sorted (key, value) pairs of the HF rope dict, rope_theta left out
+# Sorted (key, value) pairs of the HF rope dict, rope_theta left out: hashable, so ModelConfig is too.
+RopeScaling = tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class ModelConfig:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise JobError(_unsupported(self.architecture))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise JobError(
                 f"unsupported rope scaling type {self.rope_type!r}; batchllm supports: "
@@ -85,7 +88,8 @@ class ModelConfig:
         """Approximate parameter count (norms included, biases left out), for FLOP estimates."""
         attn = self.hidden_size * (2 * self.q_size + 2 * self.kv_size)
         mlp = 3 * self.hidden_size * self.intermediate_size
-        per_layer = attn + mlp + 2 * self.hidden_size
+        norms = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
         embed = self.vocab_size * self.hidden_size
         lm_head = 0 if self.tie_word_embeddings else embed
         return embed + lm_head + self.num_layers * per_layer + self.hidden_size
@@ -152,7 +156,7 @@ def _architecture(raw: dict[str, Any]) -> str:
     if not names and raw.get("model_type") in _ARCH_BY_MODEL_TYPE:
         return _ARCH_BY_MODEL_TYPE[raw["model_type"]]
     if len(names) != 1 or names[0] not in SUPPORTED_ARCHITECTURES:
-        raise JobError(_unsupported(", ".join(names) or f"(none; model_type {raw.get('model_type')!r})"))
+        raise JobError(_unsupported(", ".join(names) or f"of model_type {raw.get('model_type')!r}"))
     return names[0]
 
 
@@ -163,7 +167,9 @@ def _check_supported_features(hf: Any, architecture: str) -> None:
     if getattr(hf, "mlp_bias", False):
         raise JobError(f"{architecture} with mlp_bias=true is not supported")
     window = getattr(hf, "sliding_window", None)
-    if window is not None and (architecture == "MistralForCausalLM" or getattr(hf, "use_sliding_window", False)):
+    if window is not None and (
+        architecture == "MistralForCausalLM" or getattr(hf, "use_sliding_window", False)
+    ):
         # Full attention equals sliding-window attention until a sequence outgrows the window.
         logger.warning("sliding_window=%s is ignored: sequences longer than it will differ from HF", window)
 

@@ -46,7 +46,10 @@ def load_model(
 
 def weight_targets(config: ModelConfig) -> dict[str, Target]:
     """HF weight name -> where it lands in our CausalLM."""
-    targets = {"model.embed_tokens.weight": Target("embed_tokens"), "model.norm.weight": Target("norm.weight")}
+    targets = {
+        "model.embed_tokens.weight": Target("embed_tokens"),
+        "model.norm.weight": Target("norm.weight"),
+    }
     if not config.tie_word_embeddings:
         targets["lm_head.weight"] = Target("lm_head")
     for i in range(config.num_layers):

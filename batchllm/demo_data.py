@@ -1,0 +1,86 @@
+"""Files for `batchllm demo`: a tiny random model, a Parquet file of product reviews and a shared prompt."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchllm.tiny import FAMILIES, default_corpus, make_tiny_model, train_tokenizer
+
+DEMO_PREFIX = "Classify the sentiment of this review as positive or negative.\nReview: "
+
+_POSITIVE = (
+    "Love it!", "Works great.", "Exactly what I needed.", "Fast shipping and well made.",
+    "Would buy again.", "Best purchase this year.", "My kids love it.", "Sturdy and quiet.",
+)  # fmt: skip
+_NEGATIVE = (
+    "Broke after a week.", "Do not buy.", "Cheap plastic, feels flimsy.", "Arrived damaged.",
+    "Customer service never answered.", "Too noisy to use.", "Returned it the next day.",
+)  # fmt: skip
+_NEUTRAL = ("It is okay.", "Does the job.", "Nothing special.", "Fine for the price.")
+_PRODUCTS = ("blender", "kettle", "backpack", "lamp", "keyboard", "tent", "charger", "headphones")
+# Every so often a review repeats an earlier one word for word, as real review dumps do.
+_DUPLICATE_RATE = 0.1
+
+
+@dataclass(frozen=True)
+class DemoJob:
+    model_dir: Path
+    input_path: Path  # Parquet: review_id (string), text (string), stars (int)
+    prefix_path: Path  # the shared instruction put in front of every review
+    output_path: Path  # where the demo run writes its results (not created here)
+
+
+def write_demo_job(workdir: Path, rows: int = 48, family: str = "qwen2") -> DemoJob:
+    """Write a tiny model, a reviews file and a prompt prefix under `workdir` (deterministic)."""
+    if rows < 1:
+        raise ValueError(f"the demo needs at least one row, got rows={rows}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    reviews = make_reviews(rows)
+    texts = [text for text, _ in reviews]
+
+    tokenizer_dir = workdir / "tokenizer"
+    train_tokenizer(tokenizer_dir, corpus=default_corpus(2000) + texts + [DEMO_PREFIX])
+    model_dir = make_tiny_model(
+        workdir / "model", family, tokenizer_dir=tokenizer_dir, tie_word_embeddings=True
+    )
+
+    input_path = workdir / "reviews.parquet"
+    table = pa.table(
+        {
+            "review_id": pa.array([f"rev-{i:04d}" for i in range(rows)], pa.string()),
+            "text": pa.array(texts, pa.string()),
+            "stars": pa.array([stars for _, stars in reviews], pa.int64()),
+        }
+    )
+    pq.write_table(table, input_path)
+    prefix_path = workdir / "prompt.txt"
+    prefix_path.write_text(DEMO_PREFIX, encoding="utf-8")
+    return DemoJob(model_dir, input_path, prefix_path, workdir / "reviews_out.parquet")
+
+
+def make_reviews(rows: int, seed: int = 0) -> list[tuple[str, int]]:
+    """`rows` short (text, stars) product reviews from templates, with some exact duplicates."""
+    rng = random.Random(seed)
+    reviews: list[tuple[str, int]] = []
+    for _ in range(rows):
+        if reviews and rng.random() < _DUPLICATE_RATE:
+            reviews.append(rng.choice(reviews))
+        else:
+            reviews.append(_review(rng))
+    return reviews
+
+
+def _review(rng: random.Random) -> tuple[str, int]:
+    stars = rng.randint(1, 5)
+    phrases = _POSITIVE if stars >= 4 else _NEGATIVE if stars <= 2 else _NEUTRAL
+    product = rng.choice(_PRODUCTS)
+    sentences = rng.sample(phrases, k=rng.randint(1, 2))
+    return f"The {product}: {' '.join(sentences)}", stars

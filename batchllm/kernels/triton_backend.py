@@ -1,0 +1,41 @@
+"""The Triton attention backend: store the new K/V, then the kernel that fits the step."""
+
+from __future__ import annotations
+
+import torch
+
+from batchllm.kernels.backend import KVCache
+from batchllm.kernels.decode_attention import paged_decode_attention, prefix_decode_attention
+from batchllm.kernels.kv_store import store_kv
+from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.prefill_attention import prefill_attention
+
+
+class TritonAttention:
+    """AttentionBackend on Triton kernels.
+
+    Steps with any query longer than one token run the paged prefill kernel (decode rows in such a
+    step are just queries of length 1). Pure decode steps run the prefix-aware decode kernel when
+    the step carries ``decode_groups``, else plain per-row paged decode.
+    """
+
+    name = "triton"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        k_cache, v_cache = kv_cache
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]}")
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not meta.is_decode:
+            return prefill_attention(q, k_cache, v_cache, meta, scale)
+        if meta.decode_groups is not None:
+            return prefix_decode_attention(q, k_cache, v_cache, meta, scale)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale)

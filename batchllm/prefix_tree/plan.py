@@ -1,0 +1,269 @@
+"""Choose the shared prefixes worth computing once, and the order the rows run in.
+
+Selection, bottom-up over the radix tree (deepest nodes first, one vectorised step per level):
+
+    units(v)  = sum over children c of (1 if c is chosen else units(c)) + rows ending at c
+    saving(v) = (units(v) - 1) * (length(v) - length(parent(v)))
+    chosen(v) = saving(v) > min_saving_tokens
+
+A unit is something that would compute v's edge tokens by itself: a row, or a chosen child
+(which computes them once for all its rows; so a 1-token "The" shared by two chosen system
+prompts saves one token, not one per row). Like BatchLLM's rule, a prefix is kept where sharing
+saves more than it costs; here the cost is a fixed per-node overhead, `min_saving_tokens`
+(default 32 ~ two 16-token KV blocks: a partial block copied per child and one extra prefill
+sequence), so two rows sharing a few accidental tokens never make a node. The saving counts only
+the node's own edge; where the parent is dropped the true saving is larger, by less than
+`min_saving_tokens` (the parent fell below it), so the rule errs towards fewer, safer nodes.
+
+A row attaches to its deepest chosen prefix strictly shorter than the row (it must compute at
+least one token itself to get logits). Rows run depth first: every chosen prefix's rows are
+contiguous in `row_order`, so its KV is live only while its subtree runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from batchllm.prefix_tree.tree import PrefixTree, TokenSeqs, ragged_equal, require
+
+DEFAULT_MIN_SAVING_TOKENS = 32
+ORDERS = ("dfs", "ratio")
+
+
+@dataclass(frozen=True)
+class PrefixNode:
+    node_id: int
+    parent: int | None  # None only for the root
+    length: int  # tokens from the start of the prompt to the end of this prefix
+    source_row: int  # a row whose first `length` tokens are this prefix
+    num_rows: int  # representative rows attached at or beneath this node
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    rows: int
+    prompt_tokens: int  # all rows' lengths, duplicates included
+    unique_prompt_tokens: int  # distinct non-empty prefixes: the least any engine must prefill
+    prefill_tokens_planned: int  # chosen nodes' own tokens + each representative's distinct tokens
+    saving_ratio: float  # 1 - planned / prompt_tokens
+    groups: int  # chosen non-root nodes
+    avg_sharing_degree: float  # mean num_rows of the groups
+    avg_prefix_tokens: float  # mean length of the groups
+    avg_distinct_tokens: float  # mean over representative rows of len - node length
+    duplicate_rows: int  # rows that are not their own representative
+    max_tree_depth: int  # nesting depth of the groups (0: no groups)
+
+    def to_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Chosen prefix nodes (DFS preorder, node 0 = root, parents first) and the rows' schedule."""
+
+    seqs: TokenSeqs
+    node_length: np.ndarray  # int64 [num_nodes]
+    node_parent: np.ndarray  # int64 [num_nodes]; -1 only at the root (node() gives None)
+    node_source_row: np.ndarray  # int64 [num_nodes]
+    node_num_rows: np.ndarray  # int64 [num_nodes]
+    row_order: np.ndarray  # int64 [num_representatives]: execution order, depth first
+    row_node: np.ndarray  # int64 [num_rows]: deepest chosen prefix of each row (0: none)
+    duplicate_of: np.ndarray  # int64 [num_rows]: representative row (itself if unique)
+    stats: PlanStats
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.node_length.size)
+
+    def node(self, i: int) -> PrefixNode:
+        parent = int(self.node_parent[i])
+        return PrefixNode(i, None if parent < 0 else parent, int(self.node_length[i]),
+                          int(self.node_source_row[i]), int(self.node_num_rows[i]))  # fmt: skip
+
+    def iter_nodes(self) -> Iterator[PrefixNode]:
+        return (self.node(i) for i in range(self.num_nodes))
+
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the plan is consistent with itself and with `seqs`."""
+        n, lengths, length, parent = len(self.seqs), self.seqs.lengths, self.node_length, self.node_parent
+        require(self.num_nodes >= 1 and parent[0] == -1 and length[0] == 0, "node 0 must be the root")
+        p = parent[1:]
+        require(bool(np.all((p >= 0) & (p < np.arange(1, self.num_nodes)))), "parents must come first")
+        require(bool(np.all(length[p] < length[1:])), "a group must be longer than its parent")
+        require(bool(np.all(length[self.row_node] < lengths)), "a row must compute >= 1 token itself")
+        dup = self.duplicate_of
+        require(bool(np.all(dup[dup] == dup)), "a representative must represent itself")
+        require(bool(np.all(lengths[dup] == lengths)), "a duplicate must be as long as its original")
+        require(bool(np.all(self.row_node[dup] == self.row_node)), "duplicates must share a node")
+        reps = np.flatnonzero(dup == np.arange(n))
+        require(np.array_equal(np.sort(self.row_order), reps), "row_order must list each rep once")
+        self._check_contiguous()
+        self._check_tokens(reps)
+        require(_planned_tokens(self, reps) == self.stats.prefill_tokens_planned, "stats are stale")
+
+    def _check_contiguous(self) -> None:
+        rows = self.row_order
+        level = _levels(self.node_parent)
+        pos = np.arange(rows.size)
+        count = _subtree(self.node_parent, level, np.bincount(self.row_node[rows], minlength=self.num_nodes),
+                         np.add)  # fmt: skip
+        big = np.iinfo(np.int64).max
+        first = np.full(self.num_nodes, big)
+        last = np.full(self.num_nodes, -1)
+        np.minimum.at(first, self.row_node[rows], pos)
+        np.maximum.at(last, self.row_node[rows], pos)
+        first = _subtree(self.node_parent, level, first, np.minimum)
+        last = _subtree(self.node_parent, level, last, np.maximum)
+        require(np.array_equal(count, self.node_num_rows), "num_rows must count the rows beneath")
+        has = count > 0
+        require(bool(np.all(last[has] - first[has] + 1 == count[has])), "a group's rows must be contiguous")
+
+    def _check_tokens(self, reps: np.ndarray) -> None:
+        starts, tokens, src = self.seqs.offsets[:-1], self.seqs.tokens, self.node_source_row
+        p = self.node_parent[1:]
+        require(ragged_equal(tokens, starts[src[1:]], starts[src[p]], self.node_length[p]),
+                "a group must extend its parent's prefix")  # fmt: skip
+        node_src = starts[src[self.row_node]]
+        require(ragged_equal(tokens, starts, node_src, self.node_length[self.row_node]),
+                "a row must start with its group's prefix")  # fmt: skip
+        dup = self.duplicate_of
+        require(ragged_equal(tokens, starts, starts[dup], self.seqs.lengths), "duplicates must be equal")
+
+
+def make_plan(
+    seqs: TokenSeqs,
+    *,
+    sharing: bool = True,
+    min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
+    dedup: bool = True,
+    order: str = "dfs",
+) -> Plan:
+    """Plan `seqs`: build the global prefix tree, then `plan_tree`. Rows must not be empty."""
+    return plan_tree(PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens,
+                     dedup=dedup, order=order)  # fmt: skip
+
+
+def plan_tree(
+    tree: PrefixTree,
+    *,
+    sharing: bool = True,
+    min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
+    dedup: bool = True,
+    order: str = "dfs",
+) -> Plan:
+    """Choose groups on an already built tree (see the module docstring for the rule).
+
+    order="dfs": lexicographic, i.e. depth first. order="ratio": BatchLLM's within-group order,
+    depth first too, but inside each group its own rows first, shortest distinct suffix first
+    (the largest decode/prefill ratio when every row has the same max_new_tokens).
+    """
+    if min_saving_tokens < 0:
+        raise ValueError(f"min_saving_tokens must be >= 0, got {min_saving_tokens}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    n = tree.num_rows
+    dup = tree.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
+    is_rep = dup == np.arange(n)
+    ending = np.bincount(tree.row_leaf, weights=is_rep, minlength=tree.num_nodes).astype(np.int64)
+    chosen = _choose(tree, ending, min_saving_tokens) if sharing else np.zeros(tree.num_nodes, bool)
+    chosen[0] = True
+    above = _chosen_above(tree, chosen)
+    plan_id = np.cumsum(chosen) - 1
+    idx = np.flatnonzero(chosen)
+    below = np.concatenate([[0], np.cumsum(is_rep[tree.order])])
+    num_rows = (below[tree.node_hi] - below[tree.node_lo] - ending)[idx]
+    num_rows[0] = int(is_rep.sum())  # no row ends at the root: rows are never empty
+    parent = np.where(idx > 0, plan_id[np.maximum(above[idx], 0)], -1)
+    row_node = plan_id[above[tree.row_leaf]]
+    length = tree.node_length[idx]
+    row_order = _row_order(tree.order[is_rep[tree.order]], tree.seqs.lengths - length[row_node],
+                           row_node, order)  # fmt: skip
+    stats = _stats(tree, length, parent, num_rows, row_node, dup)
+    return Plan(tree.seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
+
+
+def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray:
+    """bool [num_nodes]: nodes whose sharing saves more than `min_saving` tokens (bottom-up)."""
+    parent, length = tree.node_parent, tree.node_length
+    edge = length - length[np.maximum(parent, 0)]
+    units = np.zeros(tree.num_nodes, dtype=np.int64)
+    chosen = np.zeros(tree.num_nodes, dtype=bool)
+    for v in reversed(_by_level(tree.node_level)[1:]):
+        take = (units[v] - 1) * edge[v] > min_saving
+        chosen[v] = take
+        np.add.at(units, parent[v], np.where(take, 1, units[v]) + ending[v])
+    return chosen
+
+
+def _chosen_above(tree: PrefixTree, chosen: np.ndarray) -> np.ndarray:
+    """int64 [num_nodes]: nearest chosen proper ancestor of each node (-1 for the root)."""
+    above = np.full(tree.num_nodes, -1, dtype=np.int64)
+    for v in _by_level(tree.node_level)[1:]:
+        p = tree.node_parent[v]
+        above[v] = np.where(chosen[p], p, above[p])
+    return above
+
+
+def _row_order(sorted_reps: np.ndarray, distinct: np.ndarray, row_node: np.ndarray, order: str):
+    if order == "dfs":
+        return sorted_reps
+    # Node ids are preorder, so sorting by node keeps every subtree contiguous.
+    key = np.lexsort((np.arange(sorted_reps.size), distinct[sorted_reps], row_node[sorted_reps]))
+    return sorted_reps[key]
+
+
+def _stats(tree, length, parent, num_rows, row_node, dup) -> PlanStats:
+    lengths = tree.seqs.lengths
+    reps = np.flatnonzero(dup == np.arange(dup.size))
+    own = length[1:] - length[parent[1:]]
+    distinct = lengths[reps] - length[row_node[reps]]
+    planned = int(own.sum() + distinct.sum())
+    prompt = int(lengths.sum())
+    groups = int(length.size - 1)
+    return PlanStats(
+        rows=int(dup.size),
+        prompt_tokens=prompt,
+        unique_prompt_tokens=tree.unique_prompt_tokens,
+        prefill_tokens_planned=planned,
+        saving_ratio=1.0 - planned / prompt if prompt else 0.0,
+        groups=groups,
+        avg_sharing_degree=float(num_rows[1:].mean()) if groups else 0.0,
+        avg_prefix_tokens=float(length[1:].mean()) if groups else 0.0,
+        avg_distinct_tokens=float(distinct.mean()) if reps.size else 0.0,
+        duplicate_rows=int(dup.size - reps.size),
+        max_tree_depth=int(_levels(parent).max()),
+    )
+
+
+def _planned_tokens(plan: Plan, reps: np.ndarray) -> int:
+    length, parent = plan.node_length, plan.node_parent
+    distinct = plan.seqs.lengths[reps] - length[plan.row_node[reps]]
+    return int((length[1:] - length[parent[1:]]).sum() + distinct.sum())
+
+
+def _by_level(level: np.ndarray) -> list[np.ndarray]:
+    """Node ids grouped by level: element l holds the nodes at nesting depth l."""
+    ids = np.argsort(level, kind="stable")
+    bounds = np.searchsorted(level[ids], np.arange(int(level.max()) + 2))
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _levels(parent: np.ndarray) -> np.ndarray:
+    """int64 [num_nodes]: nesting depth of each node by pointer jumping (log(depth) steps)."""
+    up = np.where(parent < 0, np.arange(parent.size), parent)
+    level = (parent >= 0).astype(np.int64)
+    while np.any(up[up] != up):
+        level = level + level[up]  # the root's own level is 0, so roots add nothing
+        up = up[up]
+    return level
+
+
+def _subtree(parent: np.ndarray, level: np.ndarray, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """Reduce `values` over each node's subtree (children folded into parents, deepest first)."""
+    out = values.copy()
+    for v in reversed(_by_level(level)[1:]):
+        ufunc.at(out, parent[v], out[v])
+    return out

@@ -1,0 +1,254 @@
+"""Global prefix tree and plan, against naive set-of-tuples references (hypothesis, tiny alphabets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchllm.prefix_tree.plan import DEFAULT_MIN_SAVING_TOKENS, make_plan, plan_tree
+from batchllm.prefix_tree.tree import PrefixTree, TokenSeqs
+
+Rows = list[list[int]]
+TOKEN = st.integers(0, 2)
+SHORT_ROWS = st.lists(st.lists(TOKEN, min_size=1, max_size=10), max_size=30)
+
+
+@st.composite
+def pieced_rows(draw) -> Rows:
+    """Rows glued from a few long pieces: shared runs longer than one comparison window."""
+    pool = draw(st.lists(st.lists(TOKEN, min_size=1, max_size=40), min_size=1, max_size=5))
+    pool[0] = pool[0] * (1 + 40 // len(pool[0]))  # at least one run past the comparison window
+    picks = st.lists(st.integers(0, len(pool) - 1), min_size=1, max_size=4)
+    return [sum((pool[i] for i in pick), []) for pick in draw(st.lists(picks, min_size=1, max_size=25))]
+
+
+ROWS = st.one_of(SHORT_ROWS, pieced_rows())
+PLAN_OPTIONS = st.fixed_dictionaries(
+    {
+        "min_saving_tokens": st.sampled_from([0, 3, DEFAULT_MIN_SAVING_TOKENS]),
+        "dedup": st.booleans(),
+        "order": st.sampled_from(["dfs", "ratio"]),
+    }
+)
+
+
+def build(rows: Rows) -> tuple[TokenSeqs, PrefixTree]:
+    seqs = TokenSeqs.from_lists(rows)
+    tree = PrefixTree.build(seqs)
+    tree.check_invariants()
+    return seqs, tree
+
+
+def distinct_prefixes(rows: Rows) -> set[tuple[int, ...]]:
+    return {tuple(r[:k]) for r in rows for k in range(1, len(r) + 1)}
+
+
+def first_equal(rows: Rows) -> list[int]:
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(r), i) for i, r in enumerate(rows)]
+
+
+def naive_groups(rows: Rows, min_saving: int, dedup: bool) -> set[tuple[int, ...]]:
+    """The selection rule of plan.py written plainly over a set of tuples."""
+    ending: dict[tuple[int, ...], int] = {}
+    for r in rows:
+        ending[tuple(r)] = 1 if dedup else ending.get(tuple(r), 0) + 1
+    nexts: dict[tuple[int, ...], set[int]] = {}
+    for r in rows:
+        for k in range(len(r)):
+            nexts.setdefault(tuple(r[:k]), set()).add(r[k])
+    nodes = {p for p, s in nexts.items() if len(s) > 1} | set(ending) | {()}
+    parent = {v: next(v[:k] for k in range(len(v) - 1, -1, -1) if v[:k] in nodes) for v in nodes if v}
+    units = dict.fromkeys(nodes, 0)
+    chosen: set[tuple[int, ...]] = set()
+    for v in sorted(nodes - {()}, key=len, reverse=True):
+        if (units[v] - 1) * (len(v) - len(parent[v])) > min_saving:
+            chosen.add(v)
+        units[parent[v]] += (1 if v in chosen else units[v]) + ending.get(v, 0)
+    return chosen
+
+
+def node_prefix(seqs: TokenSeqs, plan, i: int) -> tuple[int, ...]:
+    node = plan.node(i)
+    if node.length == 0:  # the root; with no rows at all its source_row names no row
+        return ()
+    return tuple(seqs.row(node.source_row)[: node.length].tolist())
+
+
+@settings(max_examples=150, deadline=None)
+@given(ROWS)
+def test_tree_holds_every_prompt_in_lexicographic_order(rows: Rows) -> None:
+    seqs, tree = build(rows)
+    assert [rows[i] for i in tree.order] == sorted(rows)
+    assert tree.unique_prompt_tokens == len(distinct_prefixes(rows))
+    assert tree.duplicate_of().tolist() == first_equal(rows)
+    for r, row in enumerate(rows):
+        node = int(tree.row_leaf[r])
+        assert tree.prefix(node).tolist() == row
+        while (up := tree.parent(node)) is not None:
+            assert tree.prefix(up).tolist() == row[: int(tree.node_length[up])]
+            assert tree.node_length[up] < tree.node_length[node]
+            node = up
+        assert node == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(ROWS, PLAN_OPTIONS)
+def test_plan_groups_nest_and_rows_run_depth_first(rows: Rows, options: dict) -> None:
+    seqs, tree = build(rows)
+    plan = plan_tree(tree, **options)
+    plan.check_invariants()
+    prefixes = [node_prefix(seqs, plan, i) for i in range(plan.num_nodes)]
+    assert set(prefixes[1:]) == naive_groups(rows, options["min_saving_tokens"], options["dedup"])
+    assert len(set(prefixes)) == plan.num_nodes
+    for i in range(1, plan.num_nodes):
+        parent = plan.node(i).parent
+        assert parent is not None and parent < i
+        assert prefixes[i][: len(prefixes[parent])] == prefixes[parent]
+        assert len(prefixes[parent]) < len(prefixes[i])
+    for r, row in enumerate(rows):
+        group = prefixes[plan.row_node[r]]
+        assert tuple(row[: len(group)]) == group and len(group) < len(row)
+    dup = first_equal(rows) if options["dedup"] else list(range(len(rows)))
+    assert plan.duplicate_of.tolist() == dup
+    reps = [r for r in range(len(rows)) if dup[r] == r]
+    assert sorted(plan.row_order.tolist()) == reps
+    check_groups_contiguous(plan)
+    stats = plan.stats
+    assert stats.unique_prompt_tokens <= stats.prefill_tokens_planned <= stats.prompt_tokens
+    assert stats.duplicate_rows == len(rows) - len(reps)
+    assert stats.groups == plan.num_nodes - 1
+
+
+def check_groups_contiguous(plan) -> None:
+    """Each node's rows (attached at or beneath it) are one run of row_order, num_rows long."""
+    at: dict[int, list[int]] = {}
+    for pos, r in enumerate(plan.row_order.tolist()):
+        node: int | None = int(plan.row_node[r])
+        while node is not None:
+            at.setdefault(node, []).append(pos)
+            node = plan.node(node).parent
+    for i in range(plan.num_nodes):
+        positions = at.get(i, [])
+        assert len(positions) == plan.node(i).num_rows
+        if positions:
+            assert positions[-1] - positions[0] + 1 == len(positions)
+
+
+@settings(max_examples=50, deadline=None)
+@given(ROWS)
+def test_without_sharing_every_row_computes_its_whole_prompt(rows: Rows) -> None:
+    seqs, tree = build(rows)
+    plan = plan_tree(tree, sharing=False, dedup=False)
+    plan.check_invariants()
+    assert plan.num_nodes == 1 and not plan.row_node.any()
+    assert plan.stats.prefill_tokens_planned == plan.stats.prompt_tokens == sum(map(len, rows))
+    deduped = plan_tree(tree, sharing=False)
+    deduped.check_invariants()
+    assert deduped.stats.prefill_tokens_planned == sum(len(r) for r in {tuple(r) for r in rows})
+
+
+@settings(max_examples=60, deadline=None)
+@given(ROWS)
+def test_zero_threshold_plans_exactly_the_unique_tokens_when_no_prompt_prefixes_another(rows: Rows) -> None:
+    unique = {tuple(r) for r in rows}
+    prefix_of_other = any(a != b and b[: len(a)] == a for a in unique for b in unique)
+    plan = make_plan(TokenSeqs.from_lists(rows), min_saving_tokens=0)
+    plan.check_invariants()
+    if not prefix_of_other:
+        assert plan.stats.prefill_tokens_planned == plan.stats.unique_prompt_tokens
+
+
+@st.composite
+def nested_prompts(draw) -> Rows:
+    """Shared instruction + group text + row text, shuffled; content random, sizes from hypothesis."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    vocab = draw(st.sampled_from([3, 50]))
+    text = lambda lo, hi: rng.integers(0, vocab, int(rng.integers(lo, hi))).tolist()  # noqa: E731
+    instruction = text(40, 80)
+    rows = []
+    for _ in range(draw(st.integers(2, 6))):
+        group = text(40, 60)
+        rows += [instruction + group + text(10, 30) for _ in range(draw(st.integers(2, 8)))]
+    rows += [list(rows[i]) for i in rng.integers(0, len(rows), draw(st.integers(0, 3)))]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(nested_prompts(), st.sampled_from(["dfs", "ratio"]))
+def test_nested_sharing_plans_close_to_the_unique_tokens(rows: Rows, order: str) -> None:
+    plan = make_plan(TokenSeqs.from_lists(rows), order=order)
+    plan.check_invariants()
+    assert plan.stats.prefill_tokens_planned <= 1.05 * plan.stats.unique_prompt_tokens
+    assert plan.stats.max_tree_depth >= 2
+
+
+def test_system_prompt_and_product_groups_are_both_chosen() -> None:
+    rng = np.random.default_rng(0)
+    system = rng.integers(0, 1000, 150).tolist()
+    products = [rng.integers(0, 1000, 80).tolist() for _ in range(3)]
+    rows = [system + p + rng.integers(0, 1000, 20).tolist() for p in products for _ in range(20)]
+    plan = make_plan(TokenSeqs.from_lists(rows))
+    plan.check_invariants()
+    assert [n.length for n in plan.iter_nodes()] == [0, 150, 230, 230, 230]
+    assert [n.num_rows for n in plan.iter_nodes()] == [60, 60, 20, 20, 20]
+    assert plan.stats.max_tree_depth == 2 and plan.stats.avg_sharing_degree == 20 + 40 / 4
+
+
+def test_tiny_accidental_sharing_makes_no_group() -> None:
+    rows = [[7, 8, 9, 1, 2], [7, 8, 9, 3, 4], list(range(40)) + [1], list(range(40)) + [2]]
+    plan = make_plan(TokenSeqs.from_lists(rows))
+    plan.check_invariants()
+    assert [(n.length, n.num_rows) for n in plan.iter_nodes()] == [(0, 4), (40, 2)]
+    assert plan.row_node.tolist() == [0, 0, 1, 1]
+
+
+def test_ratio_order_runs_shorter_distinct_suffixes_first_within_a_group() -> None:
+    shared = list(range(100))
+    rows = [shared + [k] * k for k in (5, 1, 3, 2)] + [[300] * 50 + [k] * 50 for k in range(2)]
+    plan = make_plan(TokenSeqs.from_lists(rows), order="ratio")
+    plan.check_invariants()
+    assert plan.row_order.tolist()[:4] == [1, 3, 2, 0]
+
+
+def test_length_one_rows_duplicates_and_a_prompt_that_prefixes_others() -> None:
+    rows = [[1], [1], [2], [1, 2], [1, 2, 3]]
+    for sharing in (True, False):
+        plan = make_plan(TokenSeqs.from_lists(rows), sharing=sharing, min_saving_tokens=0)
+        plan.check_invariants()
+        assert plan.duplicate_of.tolist() == [0, 0, 2, 3, 4]
+        assert plan.stats.duplicate_rows == 1
+        assert all(plan.node_length[plan.row_node] < [len(r) for r in rows])
+
+
+def test_no_rows_gives_a_root_only_plan() -> None:
+    plan = make_plan(TokenSeqs.from_lists([]))
+    plan.check_invariants()
+    assert plan.num_nodes == 1 and plan.stats.rows == 0 and plan.stats.saving_ratio == 0.0
+
+
+def test_bad_input_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="no tokens"):
+        make_plan(TokenSeqs.from_lists([[1], []]))
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
+        TokenSeqs.from_lists([[1, -1]])
+    with pytest.raises(ValueError, match="offsets"):
+        TokenSeqs(np.array([1, 2], np.int32), np.array([0, 3]))
+    with pytest.raises(ValueError, match="integers"):
+        TokenSeqs.from_lists([[1.5]])
+    with pytest.raises(ValueError, match="order"):
+        make_plan(TokenSeqs.from_lists([[1]]), order="bfs")
+    with pytest.raises(ValueError, match="min_saving_tokens"):
+        make_plan(TokenSeqs.from_lists([[1]]), min_saving_tokens=-1)
+
+
+def test_many_rows_with_long_shared_runs_match_a_plain_sort() -> None:
+    rng = np.random.default_rng(1)
+    heads = rng.integers(0, 4, (6, 90))
+    rows = [heads[i % 6][: 40 + i % 50].tolist() + rng.integers(0, 3, i % 7).tolist() for i in range(3000)]
+    seqs, tree = build(rows)
+    assert [rows[i] for i in tree.order] == sorted(rows)
+    assert tree.unique_prompt_tokens == len(distinct_prefixes(rows))
+    make_plan(seqs).check_invariants()
