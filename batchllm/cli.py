@@ -95,12 +95,17 @@ def run(
         raise typer.Exit(1)
 
 
-def _run(job: JobSpec, quiet: bool) -> int:
+def _run(job: JobSpec, quiet: bool, fresh: bool = False) -> int:
+    from batchllm.pipeline import Interrupted
     from batchllm.pipeline import run as run_pipeline
-    from batchllm.report import print_summary, run_report, write_json
+    from batchllm.report import collect, print_summary, write_json
 
-    outcome = run_pipeline(job)
-    report = run_report(outcome, job.model)
+    try:
+        outcome = run_pipeline(job, fresh=fresh)
+    except Interrupted:
+        err.print(f"interrupted: finished rows are committed in {job.run_dir}; run the same command again to resume")
+        raise typer.Exit(130) from None
+    report = collect(job.run_dir) | {"device": outcome.device, "dtype": outcome.dtype, "steps": outcome.engine.steps}
     if job.report is not None:
         write_json(report, job.report)
     if not quiet:

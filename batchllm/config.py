@@ -77,10 +77,14 @@ class JobSpec:
     progress: bool = True
     run_dir: Path | None = None  # None: <output>.run/ next to the output
     window_rows: int = 250_000  # rows planned and run together (one prefix tree per window)
+    checkpoint_rows: int = 10_000  # commit finished rows at least this often...
+    checkpoint_seconds: float = 60.0  # ...and at least this often
 
     def __post_init__(self) -> None:
         if self.format is not None:
             _check_choice("format", self.format, ("parquet", "jsonl"))
+        if self.checkpoint_rows < 1 or self.checkpoint_seconds <= 0:
+            raise ValueError("checkpoint-rows must be >= 1 and checkpoint-seconds > 0")
         if self.window_rows < 1:
             raise ValueError(f"window must be >= 1 rows, got {self.window_rows}")
         if self.run_dir is None:

@@ -1,4 +1,8 @@
-"""The run report: one JSON object, and the same figures as a short summary table."""
+"""Throughput reports of a run directory (finished, running or interrupted): JSON, table, plot.
+
+Row and token totals come from the committed shards, so they always equal the output file's; timing,
+prefill and KV figures come from the metrics log of each attempt.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +10,94 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from batchllm.pipeline import RunOutcome
+from batchllm.errors import JobError
+from batchllm.io.manifest import MANIFEST
+from batchllm.io.metrics import MetricsLog
+
+SHARD_COLUMNS = ["finish_reason", "prompt_tokens", "output_tokens", "cached_tokens"]
 
 
-def run_report(outcome: RunOutcome, model: str) -> dict:
-    t = outcome.totals
-    wall = max(outcome.wall_seconds, 1e-9)
-    prompt_ok = t.prompt_tokens
-    computed = outcome.engine.prefill_tokens
-    stats = outcome.plan_stats
-    groups = sum(s.groups for s in stats)
+def collect(run_dir: Path) -> dict:
+    manifest_path = run_dir / MANIFEST
+    if not manifest_path.exists():
+        raise JobError(f"{run_dir} is not a batchllm run directory (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    shards = _shards(run_dir)
+    ok = pa.compute.not_equal(shards["finish_reason"], "error")
+    attempts = _attempts(MetricsLog(run_dir).read())
+    rows_done = shards.num_rows
+    prompt = _sum(shards.filter(ok), "prompt_tokens")
+    output = _sum(shards, "output_tokens")
+    wall = sum(a["wall_seconds"] for a in attempts)
+    computed = sum(a["prefill_tokens_computed"] for a in attempts)
+    last = attempts[-1] if attempts else {}
     return {
-        "rows": t.rows,
-        "rows_failed": t.rows_failed,
-        "prompt_tokens": prompt_ok,
-        "unique_prompt_tokens": t.unique_prompt_tokens,
+        "rows": manifest["input"]["rows"],
+        "rows_done": rows_done,
+        "rows_failed": rows_done - int(pa.compute.sum(ok).as_py() or 0),
+        "rows_remaining": manifest["input"]["rows"] - rows_done,
+        "prompt_tokens": prompt,
+        "unique_prompt_tokens": last.get("unique_prompt_tokens", 0),
         "prefill_tokens_computed": computed,
-        "cached_tokens": t.cached_tokens,
-        "output_tokens": t.output_tokens,
-        "saving_ratio": 1 - computed / prompt_ok if prompt_ok else 0.0,
-        "groups": groups,
-        "avg_sharing_degree": _weighted(stats, "avg_sharing_degree", "groups"),
-        "avg_prefix_tokens": _weighted(stats, "avg_prefix_tokens", "groups"),
-        "duplicate_rows": t.duplicate_rows,
-        "max_tree_depth": max((s.max_tree_depth for s in stats), default=0),
-        "wall_seconds": outcome.wall_seconds,
-        "prefill_seconds": outcome.engine.prefill_seconds,
-        "decode_seconds": outcome.engine.decode_seconds,
-        "requests_per_second": t.rows / wall,
-        "input_tokens_per_second": prompt_ok / wall,
-        "output_tokens_per_second": t.output_tokens / wall,
-        "total_tokens_per_second": (prompt_ok + t.output_tokens) / wall,
-        "steps": outcome.engine.steps,
-        "preemptions": outcome.preemptions,
-        "kv_blocks": outcome.kv_blocks,
-        "peak_kv_blocks": outcome.peak_kv_blocks,
-        "model": model,
-        "device": outcome.device,
-        "dtype": outcome.dtype,
+        "cached_tokens": _sum(shards, "cached_tokens"),
+        "output_tokens": output,
+        "saving_ratio": 1 - computed / prompt if prompt else 0.0,
+        "groups": last.get("groups", 0),
+        "wall_seconds": wall,
+        "phase_seconds": _phases(attempts),
+        "requests_per_second": _rate(rows_done, wall),
+        "input_tokens_per_second": _rate(prompt, wall),
+        "output_tokens_per_second": _rate(output, wall),
+        "total_tokens_per_second": _rate(prompt + output, wall),
+        "peak_kv_blocks": max((a.get("peak_kv_blocks", 0) for a in attempts), default=0),
+        "kv_blocks": last.get("kv_blocks", 0),
+        "preemptions": sum(a.get("preemptions", 0) for a in attempts),
+        "attempts": len(attempts),
+        "model": manifest["settings"]["model"],
     }
 
 
-def _weighted(stats: list, key: str, weight: str) -> float:
-    total = sum(getattr(s, weight) for s in stats)
-    if not total:
-        return 0.0
-    return sum(getattr(s, key) * getattr(s, weight) for s in stats) / total
+def _shards(run_dir: Path) -> pa.Table:
+    paths = sorted((run_dir / "shards").glob("shard-*.parquet"))
+    if not paths:
+        schema = pa.schema([("finish_reason", pa.string())] + [(c, pa.int32()) for c in SHARD_COLUMNS[1:]])
+        return schema.empty_table()
+    return pa.concat_tables(pq.read_table(p, columns=SHARD_COLUMNS) for p in paths)
+
+
+def _attempts(records: list[dict]) -> list[dict]:
+    """One summary per attempt: its end record, or what its last commit knew if it was killed."""
+    attempts: list[dict] = []
+    for rec in records:
+        if rec["kind"] == "attempt":
+            attempts.append({"start": rec["time"], "wall_seconds": 0.0, "prefill_tokens_computed": 0})
+        elif attempts and rec["kind"] == "commit":
+            attempts[-1]["wall_seconds"] = rec["elapsed"]
+            attempts[-1]["prefill_tokens_computed"] = rec["prefill_tokens_computed"]
+        elif attempts and rec["kind"] == "end":
+            attempts[-1].update({k: v for k, v in rec.items() if k not in ("kind", "time")})
+    return attempts
+
+
+def _phases(attempts: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for a in attempts:
+        for name, seconds in a.get("phases", {}).items():
+            total[name] = total.get(name, 0.0) + seconds
+    return total
+
+
+def _sum(table: pa.Table, column: str) -> int:
+    return int(pa.compute.sum(table[column]).as_py() or 0)
+
+
+def _rate(amount: float, seconds: float) -> float:
+    return amount / seconds if seconds > 0 else 0.0
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -63,21 +106,55 @@ def write_json(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def print_summary(report: dict, console: Console) -> None:
-    table = Table(title="batchllm run", show_header=False)
+def print_summary(report: dict, console: Console, title: str = "batchllm run") -> None:
+    table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
+    ok = report["rows_done"] - report["rows_failed"]
     rows = [
-        ("rows ok / failed", f"{report['rows'] - report['rows_failed']:,} / {report['rows_failed']:,}"),
-        ("prompt tokens", f"{report['prompt_tokens']:,}"),
+        ("rows ok / failed / remaining", f"{ok:,} / {report['rows_failed']:,} / {report['rows_remaining']:,}"),
+        ("prompt tokens (unique)", f"{report['prompt_tokens']:,} ({report['unique_prompt_tokens']:,})"),
         ("prefill tokens computed", f"{report['prefill_tokens_computed']:,}"),
         ("prefix saving", f"{100 * report['saving_ratio']:.1f}%"),
         ("output tokens", f"{report['output_tokens']:,}"),
-        ("wall time", f"{report['wall_seconds']:.2f} s"),
+        ("wall time", f"{report['wall_seconds']:.2f} s over {report['attempts']} attempt(s)"),
+        ("phases", "  ".join(f"{k} {v:.1f}s" for k, v in report["phase_seconds"].items())),
         ("requests/s", f"{report['requests_per_second']:.2f}"),
-        ("output tokens/s", f"{report['output_tokens_per_second']:,.1f}"),
-        ("total tokens/s", f"{report['total_tokens_per_second']:,.1f}"),
+        ("input / output tokens/s", f"{report['input_tokens_per_second']:,.0f} / {report['output_tokens_per_second']:,.0f}"),
+        ("total tokens/s", f"{report['total_tokens_per_second']:,.0f}"),
+        ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
+        ("preemptions", f"{report['preemptions']:,}"),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def plot(run_dir: Path, path: Path) -> None:
+    """Throughput (output tokens/s between commits) and KV blocks in use over time, to a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise JobError('--plot needs matplotlib: pip install "batchllm[plot]"') from exc
+    records = MetricsLog(run_dir).read()
+    t0 = records[0]["time"] if records else 0.0
+    commits = [r for r in records if r["kind"] == "commit"]
+    kv = [s for r in records if r["kind"] == "end" for s in r.get("kv_samples", [])]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    times, rates, prev = [], [], t0
+    for r in commits:
+        rates.append(r["output_tokens"] / max(r["time"] - prev, 1e-6))
+        times.append(r["time"] - t0)
+        prev = r["time"]
+    ax1.step(times, rates, where="pre")
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title(f"batchllm run {run_dir}")
+    ax2.plot([t - t0 for t, _ in kv], [b for _, b in kv])
+    ax2.set_ylabel("KV blocks in use")
+    ax2.set_xlabel("seconds since the first attempt")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

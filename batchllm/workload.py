@@ -22,25 +22,47 @@ class Window:
     keep: pa.Table | None
     token_ids: list[np.ndarray | None]
     errors: list[str | None]  # a row-level error, or None when the row can run
+    skip: np.ndarray  # bool [rows]: committed by an earlier attempt
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def runnable(self) -> np.ndarray:
-        """Window-local indices of the rows that can run."""
-        return np.fromiter((i for i, e in enumerate(self.errors) if e is None), dtype=np.int64)
+        """Window-local indices of the rows to generate now."""
+        ok = np.fromiter((e is None for e in self.errors), dtype=bool, count=len(self))
+        return np.nonzero(ok & ~self.skip)[0]
+
+    def failed(self) -> np.ndarray:
+        """Window-local indices of the rows that get an error row now."""
+        bad = np.fromiter((e is not None for e in self.errors), dtype=bool, count=len(self))
+        return np.nonzero(bad & ~self.skip)[0]
+
+    @property
+    def num_failed(self) -> int:
+        return len(self.failed())
 
 
 def read_windows(
-    source: InputSource, prompter: Prompter, window_rows: int, max_new_tokens: int, max_positions: int
+    source: InputSource,
+    prompter: Prompter,
+    window_rows: int,
+    max_new_tokens: int,
+    max_positions: int,
+    skip: np.ndarray,
 ) -> Iterator[Window]:
+    """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized."""
     for batch in source.iter_batches(rows_per_batch=window_rows):
-        prompts = prompter.encode(batch.texts, batch.text_errors)
+        done = skip[batch.start : batch.start + len(batch)]
+        if done.all():
+            continue
+        texts = [None if d else t for t, d in zip(batch.texts, done)]
+        text_errors = [e or ("skipped" if d else None) for e, d in zip(batch.text_errors, done)]
+        prompts = prompter.encode(texts, text_errors)
         errors = [
             err or length_error(ids, max_new_tokens, max_positions)
             for ids, err in zip(prompts.token_ids, prompts.errors)
         ]
-        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors)
+        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors, done)
 
 
 def length_error(token_ids: np.ndarray | None, max_new_tokens: int, max_positions: int) -> str | None:

@@ -44,11 +44,16 @@ def _hash(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _token(kind: int, ident: np.ndarray, j: np.ndarray) -> np.ndarray:
+def _token(kind: np.ndarray, ident: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Power-law token id for position j of text `ident` of a kind (0 system, 1 group, 2 row)."""
-    h = _hash((ident.astype(np.uint64) << np.uint64(20)) ^ j.astype(np.uint64) ^ np.uint64(kind << 60))
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return np.minimum(VOCAB * u**4, VOCAB - 1).astype(np.int32)
+    x = (
+        (ident.astype(np.uint64) << np.uint64(20))
+        ^ j.astype(np.uint64)
+        ^ (kind.astype(np.uint64) << np.uint64(60))
+    )
+    u = (_hash(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u *= u
+    return np.minimum(VOCAB * (u * u), VOCAB - 1).astype(np.int32)
 
 
 def generate(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,14 +83,13 @@ def _fill(tokens, offsets, a, b, seg, sys_id, grp_id, text_id) -> None:
     row = np.repeat(np.arange(b - a), lengths)
     j = np.arange(row.size) - np.repeat(offsets[a:b] - offsets[a], lengths)
     s_len, g_len = seg[0][row], seg[1][row]
-    in_sys, in_grp = j < s_len, (j >= s_len) & (j < s_len + g_len)
+    kind = (j >= s_len).astype(np.int64) + (j >= s_len + g_len)  # 0 system, 1 group, 2 row text
     # System prompts share their first 6 tokens; group texts open with a shared 2-token template.
-    sys_ident = np.where(j < 6, 0, sys_id[row] + 1)
-    grp_j = j - s_len
-    grp_ident = np.where(grp_j < 2, 0, grp_id[row] + 1)
-    out = np.where(in_sys, _token(0, sys_ident, j), _token(2, text_id[row], j - s_len - g_len))
-    out = np.where(in_grp, _token(1, grp_ident, grp_j), out)
-    tokens[offsets[a] : offsets[b]] = out
+    ident = np.where(j < 6, 0, sys_id[row] + 1)
+    ident = np.where(kind == 1, np.where(j - s_len < 2, 0, grp_id[row] + 1), ident)
+    ident = np.where(kind == 2, text_id[row], ident)
+    pos = j - np.where(kind >= 1, s_len, 0) - np.where(kind == 2, g_len, 0)
+    tokens[offsets[a] : offsets[b]] = _token(kind, ident, pos)
 
 
 def worker(data: Path, check: bool) -> dict[str, float | int | str]:

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
+from batchllm.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ def _write_atomic(table: pa.Table, path: Path, what: str) -> None:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("assemble" if what == "the output" else "shard_written")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, pa.ArrowException) as e:

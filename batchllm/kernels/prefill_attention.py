@@ -197,7 +197,7 @@ def check_paged_inputs(
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] with the "
             f"same strides, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    _, _, num_kv_heads, head_dim = k_cache.shape
     if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
         raise ValueError(
             f"q must be [num_tokens, num_heads, {head_dim}] with num_heads a multiple of "
@@ -207,8 +207,6 @@ def check_paged_inputs(
         raise ValueError(
             f"q and the caches must share one dtype of {KV_DTYPES}, got {q.dtype} and {k_cache.dtype}"
         )
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
     if q.shape[0] != sum(meta.query_lens_cpu):
         raise ValueError(f"q has {q.shape[0]} tokens but the metadata schedules {sum(meta.query_lens_cpu)}")
     if meta.block_tables.dtype != torch.int32 or meta.block_tables.shape[0] != meta.num_seqs:

@@ -80,8 +80,13 @@ class Plan:
 
     def node(self, i: int) -> PrefixNode:
         parent = int(self.node_parent[i])
-        return PrefixNode(i, None if parent < 0 else parent, int(self.node_length[i]),
-                          int(self.node_source_row[i]), int(self.node_num_rows[i]))  # fmt: skip
+        return PrefixNode(
+            i,
+            None if parent < 0 else parent,
+            int(self.node_length[i]),
+            int(self.node_source_row[i]),
+            int(self.node_num_rows[i]),
+        )
 
     def iter_nodes(self) -> Iterator[PrefixNode]:
         return (self.node(i) for i in range(self.num_nodes))
@@ -108,8 +113,9 @@ class Plan:
         rows = self.row_order
         level = _levels(self.node_parent)
         pos = np.arange(rows.size)
-        count = _subtree(self.node_parent, level, np.bincount(self.row_node[rows], minlength=self.num_nodes),
-                         np.add)  # fmt: skip
+        count = _subtree(
+            self.node_parent, level, np.bincount(self.row_node[rows], minlength=self.num_nodes), np.add
+        )
         big = np.iinfo(np.int64).max
         first = np.full(self.num_nodes, big)
         last = np.full(self.num_nodes, -1)
@@ -124,11 +130,15 @@ class Plan:
     def _check_tokens(self, reps: np.ndarray) -> None:
         starts, tokens, src = self.seqs.offsets[:-1], self.seqs.tokens, self.node_source_row
         p = self.node_parent[1:]
-        require(ragged_equal(tokens, starts[src[1:]], starts[src[p]], self.node_length[p]),
-                "a group must extend its parent's prefix")  # fmt: skip
+        require(
+            ragged_equal(tokens, starts[src[1:]], starts[src[p]], self.node_length[p]),
+            "a group must extend its parent's prefix",
+        )
         node_src = starts[src[self.row_node]]
-        require(ragged_equal(tokens, starts, node_src, self.node_length[self.row_node]),
-                "a row must start with its group's prefix")  # fmt: skip
+        require(
+            ragged_equal(tokens, starts, node_src, self.node_length[self.row_node]),
+            "a row must start with its group's prefix",
+        )
         dup = self.duplicate_of
         require(ragged_equal(tokens, starts, starts[dup], self.seqs.lengths), "duplicates must be equal")
 
@@ -142,8 +152,9 @@ def make_plan(
     order: str = "dfs",
 ) -> Plan:
     """Plan `seqs`: build the global prefix tree, then `plan_tree`. Rows must not be empty."""
-    return plan_tree(PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens,
-                     dedup=dedup, order=order)  # fmt: skip
+    return plan_tree(
+        PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup, order=order
+    )
 
 
 def plan_tree(
@@ -179,8 +190,9 @@ def plan_tree(
     parent = np.where(idx > 0, plan_id[np.maximum(above[idx], 0)], -1)
     row_node = plan_id[above[tree.row_leaf]]
     length = tree.node_length[idx]
-    row_order = _row_order(tree.order[is_rep[tree.order]], tree.seqs.lengths - length[row_node],
-                           row_node, order)  # fmt: skip
+    row_order = _row_order(
+        tree.order[is_rep[tree.order]], tree.seqs.lengths - length[row_node], row_node, order
+    )
     stats = _stats(tree, length, parent, num_rows, row_node, dup)
     return Plan(tree.seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
 

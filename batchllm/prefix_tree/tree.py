@@ -56,15 +56,9 @@ class TokenSeqs:
     @classmethod
     def from_lists(cls, rows: Sequence[np.ndarray | Sequence[int]]) -> TokenSeqs:
         """Pack rows of token ids (lists or arrays). Millions of rows: build the CSR arrays directly."""
-        arrays = [np.asarray(r).reshape(-1) for r in rows]
-        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-        ints = [a.astype(np.int64) if a.size else np.zeros(0, np.int64) for a in arrays]
-        for a in arrays:
-            if a.size and a.dtype.kind not in "iu":
-                raise ValueError(f"token ids must be integers, got dtype {a.dtype}")
-        tokens = np.concatenate(ints) if ints else np.zeros(0, np.int64)
-        return cls(tokens, offsets)
+        arrays = [np.asarray(r, dtype=np.int64 if len(r) == 0 else None).reshape(-1) for r in rows]
+        offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
+        return cls(np.concatenate(arrays) if arrays else np.zeros(0, np.int64), offsets)
 
     def __len__(self) -> int:
         return int(self.offsets.size - 1)
@@ -86,16 +80,16 @@ def ragged_arange(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def ragged_equal(tokens: np.ndarray, a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> bool:
-    """Whether tokens[a[i] : a[i] + lengths[i]] == tokens[b[i] : ...] for every i (chunked)."""
+    """Whether tokens[a[i] : a[i] + lengths[i]] == tokens[b[i] : ...] for every i (in ~16M-token chunks)."""
     ends = np.cumsum(lengths)
-    cut = np.searchsorted(ends, np.arange(0, int(ends[-1]) if ends.size else 0, 1 << 24), "right")
-    bounds = np.unique(np.concatenate([[0], cut, [lengths.size]]))
-    for i, j in zip(bounds[:-1], bounds[1:]):
-        pa = ragged_arange(a[i:j], lengths[i:j])
-        pb = ragged_arange(b[i:j], lengths[i:j])
-        if not np.array_equal(tokens[pa], tokens[pb]):
-            return False
-    return True
+    cuts = np.searchsorted(ends, np.arange(1 << 24, int(ends[-1]) if ends.size else 0, 1 << 24))
+    bounds = np.concatenate([[0], cuts, [lengths.size]])
+    return all(
+        np.array_equal(
+            tokens[ragged_arange(a[i:j], lengths[i:j])], tokens[ragged_arange(b[i:j], lengths[i:j])]
+        )
+        for i, j in zip(bounds[:-1], bounds[1:])
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +275,7 @@ class _Builder:
         """Per row: tokens after the group depth that agree with the group's first row (capped at
         the window), and whether the row is identical to that first row."""
         leader = self.order[g.lo]
+        lead_window = self._window(self.starts[leader] + g.depth)  # [G, W], shared by the members
         mismatch = np.empty(rows.size, dtype=np.int64)
         same = np.empty(rows.size, dtype=bool)
         ar = np.arange(_WINDOW)
@@ -289,7 +284,7 @@ class _Builder:
             d, lead = g.depth[gi], leader[gi]
             len_r, len_l = self.lengths[r], self.lengths[lead]
             common = np.minimum(len_r, len_l) - d  # tokens both rows still have
-            eq = self._window(self.starts[r] + d) == self._window(self.starts[lead] + d)
+            eq = self._window(self.starts[r] + d) == lead_window[gi]
             eq &= ar < common[:, None]
             m = eq.argmin(axis=1)
             m[eq[np.arange(m.size), m]] = _WINDOW  # argmin of an all-true row is 0
