@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from batchllm.interrupt import Interrupted
 from batchllm.runner import ModelRunner
 from batchllm.scheduler.scheduler import Scheduler
 from batchllm.scheduler.sequence import Sequence
@@ -37,14 +38,21 @@ class Engine:
         self.stopper = stopper
 
     def run(
-        self, work: Iterable[Sequence], on_finish: Callable[[Sequence], None], check: bool = False
+        self,
+        work: Iterable[Sequence],
+        on_finish: Callable[[Sequence], None],
+        should_stop: Callable[[], bool] = lambda: False,
+        check: bool = False,
     ) -> EngineStats:
-        """Runs every sequence of ``work`` (in execution order); calls ``on_finish`` for each row."""
+        """Runs every sequence of ``work`` (in execution order); calls ``on_finish`` for each row.
+        Raises Interrupted between steps once ``should_stop()`` says so."""
         sched = self.scheduler
         for seq in work:
             sched.add(seq)
         stats = EngineStats()
         while sched.has_work():
+            if should_stop():
+                raise Interrupted
             t0 = time.perf_counter()
             plan = sched.schedule()
             sampled = self.runner.execute(plan)

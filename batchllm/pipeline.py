@@ -18,6 +18,7 @@ from batchllm.config import JobSpec
 from batchllm.engine import Engine, EngineStats
 from batchllm.errors import JobError
 from batchllm.faults import crash_point
+from batchllm.interrupt import Interrupted, StopRequest
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
@@ -40,10 +41,6 @@ from batchllm.stopping import StopChecker
 from batchllm.workload import Window, plan_sequences, read_windows, row_keys
 
 log = logging.getLogger("batchllm")
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM: finished rows were committed; re-running the command resumes."""
 
 
 @dataclass
@@ -70,13 +67,15 @@ class RunOutcome:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
-def run(job: JobSpec, fresh: bool = False) -> RunOutcome:
-    return JobRunner(job, fresh).run()
+def run(job: JobSpec, fresh: bool = False, stop: StopRequest | None = None) -> RunOutcome:
+    """Runs (or resumes) the job. Raises Interrupted, with finished rows committed, once ``stop`` is set."""
+    return JobRunner(job, fresh, stop or StopRequest()).run()
 
 
 class JobRunner:
-    def __init__(self, job: JobSpec, fresh: bool) -> None:
+    def __init__(self, job: JobSpec, fresh: bool, stop: StopRequest) -> None:
         self.t0 = time.perf_counter()
+        self.stop = stop
         self.job = job
         self.out = RunOutcome()
         self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
@@ -122,7 +121,7 @@ class JobRunner:
                 if window is None:
                     break
                 self._run_window(window)
-        except KeyboardInterrupt:
+        except (Interrupted, KeyboardInterrupt):
             self._end("interrupted")
             raise Interrupted from None
         finally:
@@ -161,7 +160,7 @@ class JobRunner:
         self.progress.advance(window.num_failed, 0, 0)
         keys = row_keys(job.sampling.seed, window.ids, runnable)
         try:
-            stats = engine.run(plan_sequences(plan, prompts, keys), on_finish)
+            stats = engine.run(plan_sequences(plan, prompts, keys), on_finish, lambda: self.stop.requested)
         finally:
             results.commit()
         out.engine.add(stats)

@@ -112,7 +112,10 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
     table.add_column(justify="right")
     ok = report["rows_done"] - report["rows_failed"]
     rows = [
-        ("rows ok / failed / remaining", f"{ok:,} / {report['rows_failed']:,} / {report['rows_remaining']:,}"),
+        (
+            "rows ok / failed / remaining",
+            f"{ok:,} / {report['rows_failed']:,} / {report['rows_remaining']:,}",
+        ),
         ("prompt tokens (unique)", f"{report['prompt_tokens']:,} ({report['unique_prompt_tokens']:,})"),
         ("prefill tokens computed", f"{report['prefill_tokens_computed']:,}"),
         ("prefix saving", f"{100 * report['saving_ratio']:.1f}%"),
@@ -120,7 +123,10 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("wall time", f"{report['wall_seconds']:.2f} s over {report['attempts']} attempt(s)"),
         ("phases", "  ".join(f"{k} {v:.1f}s" for k, v in report["phase_seconds"].items())),
         ("requests/s", f"{report['requests_per_second']:.2f}"),
-        ("input / output tokens/s", f"{report['input_tokens_per_second']:,.0f} / {report['output_tokens_per_second']:,.0f}"),
+        (
+            "input / output tokens/s",
+            f"{report['input_tokens_per_second']:,.0f} / {report['output_tokens_per_second']:,.0f}",
+        ),
         ("total tokens/s", f"{report['total_tokens_per_second']:,.0f}"),
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),

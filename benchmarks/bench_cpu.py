@@ -92,7 +92,9 @@ def _grow(rng: random.Random, tok, start: str, target: int, words: list[str], se
 def make_workload(tok, seed: int = 0) -> Workload:
     rng = random.Random(seed)
     words = " ".join(default_corpus(500, seed=seed + 1)).split()
-    prefix = _grow(rng, tok, "You are a product analyst. Read the product notes and answer.", PREFIX_TOKENS, words)
+    prefix = _grow(
+        rng, tok, "You are a product analyst. Read the product notes and answer.", PREFIX_TOKENS, words
+    )
     texts = []
     for g in range(GROUPS):
         group = _grow(rng, tok, f"\nProduct {g}:", GROUP_TOKENS, words)
@@ -176,7 +178,9 @@ def run_hf_generate_batch(model, tok, work: Workload) -> Run:
     )
     matched: list[int] = []
     with _count_prefix_matches(matched), torch.inference_mode():
-        results = model.generate_batch(inputs, generation_config=_greedy_config(), continuous_batching_config=cb)
+        results = model.generate_batch(
+            inputs, generation_config=_greedy_config(), continuous_batching_config=cb
+        )
     if len(results) != len(inputs) or any(r.error for r in results.values()):
         raise RuntimeError(f"generate_batch returned {len(results)} results for {len(inputs)} prompts")
     gen = [r.generated_tokens for r in results.values()]  # in input order

@@ -77,7 +77,7 @@ def node_prefix(seqs: TokenSeqs, plan, i: int) -> tuple[int, ...]:
     return tuple(seqs.row(node.source_row)[: node.length].tolist())
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ROWS)
 def test_tree_holds_every_prompt_in_lexicographic_order(rows: Rows) -> None:
     seqs, tree = build(rows)
@@ -94,7 +94,7 @@ def test_tree_holds_every_prompt_in_lexicographic_order(rows: Rows) -> None:
         assert node == 0
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ROWS, PLAN_OPTIONS)
 def test_plan_groups_nest_and_rows_run_depth_first(rows: Rows, options: dict) -> None:
     seqs, tree = build(rows)
@@ -109,8 +109,8 @@ def test_plan_groups_nest_and_rows_run_depth_first(rows: Rows, options: dict) ->
         assert prefixes[i][: len(prefixes[parent])] == prefixes[parent]
         assert len(prefixes[parent]) < len(prefixes[i])
     for r, row in enumerate(rows):
-        group = prefixes[plan.row_node[r]]
-        assert tuple(row[: len(group)]) == group and len(group) < len(row)
+        fits = [p for p in prefixes if len(p) < len(row) and tuple(row[: len(p)]) == p]
+        assert prefixes[plan.row_node[r]] == max(fits, key=len)  # the deepest strictly shorter group
     dup = first_equal(rows) if options["dedup"] else list(range(len(rows)))
     assert plan.duplicate_of.tolist() == dup
     reps = [r for r in range(len(rows)) if dup[r] == r]
@@ -137,7 +137,7 @@ def check_groups_contiguous(plan) -> None:
             assert positions[-1] - positions[0] + 1 == len(positions)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ROWS)
 def test_without_sharing_every_row_computes_its_whole_prompt(rows: Rows) -> None:
     seqs, tree = build(rows)
@@ -150,7 +150,7 @@ def test_without_sharing_every_row_computes_its_whole_prompt(rows: Rows) -> None
     assert deduped.stats.prefill_tokens_planned == sum(len(r) for r in {tuple(r) for r in rows})
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(ROWS)
 def test_zero_threshold_plans_exactly_the_unique_tokens_when_no_prompt_prefixes_another(rows: Rows) -> None:
     unique = {tuple(r) for r in rows}
@@ -176,7 +176,7 @@ def nested_prompts(draw) -> Rows:
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(nested_prompts(), st.sampled_from(["dfs", "ratio"]))
 def test_nested_sharing_plans_close_to_the_unique_tokens(rows: Rows, order: str) -> None:
     plan = make_plan(TokenSeqs.from_lists(rows), order=order)
@@ -237,7 +237,9 @@ def test_bad_input_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="offsets"):
         TokenSeqs(np.array([1, 2], np.int32), np.array([0, 3]))
     with pytest.raises(ValueError, match="integers"):
-        TokenSeqs.from_lists([[1.5]])
+        TokenSeqs.from_lists([np.array([1.5])])
+    with pytest.raises(ValueError, match="integers"):
+        TokenSeqs.from_lists([[1, None]])
     with pytest.raises(ValueError, match="order"):
         make_plan(TokenSeqs.from_lists([[1]]), order="bfs")
     with pytest.raises(ValueError, match="min_saving_tokens"):

@@ -32,14 +32,18 @@ def write_rows(path: Path, texts: list, **extra) -> Path:
     return path
 
 
-def run_job(tmp: Path, model: Path, texts: list, *flags: str, name: str = "in.parquet") -> tuple[list[dict], dict]:
+def run_job(
+    tmp: Path, model: Path, texts: list, *flags: str, name: str = "in.parquet"
+) -> tuple[list[dict], dict]:
     inp = write_rows(tmp / name, texts)
     prefix = tmp / "prefix.txt"
     prefix.write_text(PREFIX)
     out, report = tmp / f"{name}.out.parquet", tmp / f"{name}.report.json"
     if "--max-new-tokens" not in flags:
         flags = (*flags, "--max-new-tokens", str(MAX_NEW))
-    code, text = run_cli(inp, "--model", model, "--prefix", prefix, "--output", out, "--report", report, *flags)
+    code, text = run_cli(
+        inp, "--model", model, "--prefix", prefix, "--output", out, "--report", report, *flags
+    )
     assert code in (0, 1), text
     return pq.read_table(out).to_pylist(), json.loads(report.read_text())
 
@@ -155,12 +159,30 @@ def test_stop_string_cuts_output(tmp_path, tiny_models, make_rows):
 def test_ids_and_keep_columns_pass_through(tmp_path, tiny_models):
     inp = write_rows(tmp_path / "in.parquet", ["good", "bad"], rid=["r1", "r2"], stars=[5, 1])
     out = tmp_path / "out.parquet"
-    code, text = run_cli(inp, "--model", tiny_models["qwen3"], "--id-column", "rid", "--keep-columns", "stars",
-                         "--output", out, "--max-new-tokens", "3")
+    code, text = run_cli(
+        inp,
+        "--model",
+        tiny_models["qwen3"],
+        "--id-column",
+        "rid",
+        "--keep-columns",
+        "stars",
+        "--output",
+        out,
+        "--max-new-tokens",
+        "3",
+    )
     assert code == 0, text
     table = pq.read_table(out)
     assert table.column_names == [
-        "id", "output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason", "error", "stars"
+        "id",
+        "output",
+        "prompt_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "finish_reason",
+        "error",
+        "stars",
     ]
     assert table["id"].to_pylist() == ["r1", "r2"] and table["stars"].to_pylist() == [5, 1]
     assert table.schema.field("prompt_tokens").type == pa.int32()

@@ -8,7 +8,8 @@ import torch
 
 from batchllm.kernels.metadata import AttentionMetadata
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
+# (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class AttentionBackend(Protocol):

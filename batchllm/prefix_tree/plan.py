@@ -152,6 +152,7 @@ def make_plan(
     order: str = "dfs",
 ) -> Plan:
     """Plan `seqs`: build the global prefix tree, then `plan_tree`. Rows must not be empty."""
+    _check_options(min_saving_tokens, order)  # before the build, which is the slow part
     return plan_tree(
         PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup, order=order
     )
@@ -171,10 +172,7 @@ def plan_tree(
     depth first too, but inside each group its own rows first, shortest distinct suffix first
     (the largest decode/prefill ratio when every row has the same max_new_tokens).
     """
-    if min_saving_tokens < 0:
-        raise ValueError(f"min_saving_tokens must be >= 0, got {min_saving_tokens}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    _check_options(min_saving_tokens, order)
     n = tree.num_rows
     dup = tree.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
     is_rep = dup == np.arange(n)
@@ -195,6 +193,13 @@ def plan_tree(
     )
     stats = _stats(tree, length, parent, num_rows, row_node, dup)
     return Plan(tree.seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
+
+
+def _check_options(min_saving_tokens: int, order: str) -> None:
+    if min_saving_tokens < 0:
+        raise ValueError(f"min_saving_tokens must be >= 0, got {min_saving_tokens}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
 
 
 def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray:

@@ -13,6 +13,7 @@ still-undecided rows, and the number of rounds is about (longest shared run / wi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -55,10 +56,17 @@ class TokenSeqs:
 
     @classmethod
     def from_lists(cls, rows: Sequence[np.ndarray | Sequence[int]]) -> TokenSeqs:
-        """Pack rows of token ids (lists or arrays). Millions of rows: build the CSR arrays directly."""
-        arrays = [np.asarray(r, dtype=np.int64 if len(r) == 0 else None).reshape(-1) for r in rows]
-        offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
-        return cls(np.concatenate(arrays) if arrays else np.zeros(0, np.int64), offsets)
+        """Pack rows of token ids: integer arrays (fast) or lists of ints (~1 s per 30M ids)."""
+        offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        if all(isinstance(r, np.ndarray) for r in rows):
+            return cls(
+                np.concatenate([r.reshape(-1) for r in rows]) if rows else np.zeros(0, np.int32), offsets
+            )
+        try:  # one C loop over all ids; a list of per-row arrays would cost ~30 us a row
+            tokens = np.fromiter(itertools.chain.from_iterable(rows), np.int32, count=int(offsets[-1]))
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"token ids must be integers in [0, 2**31): {e}") from None
+        return cls(tokens, offsets)
 
     def __len__(self) -> int:
         return int(self.offsets.size - 1)

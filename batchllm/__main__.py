@@ -1,0 +1,3 @@
+from batchllm.cli import app
+
+app(prog_name="batchllm")
