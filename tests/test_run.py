@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hf_reference import hf_greedy
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from batchllm.cli import app
-from hf_reference import hf_greedy
 
 PREFIX = "Answer in a few words.\n"
 MAX_NEW = 10
