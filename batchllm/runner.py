@@ -27,7 +27,6 @@ class ModelRunner:
         self.block_size = block_size
         self.sampling = sampling
         self.device = kv_caches[0][0].device
-        self.group_decode = backend.name == "triton"
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
@@ -87,10 +86,8 @@ class ModelRunner:
         flat_ids = np.fromiter((t for seq_ids in ids for t in seq_ids), dtype=np.int64)
         return to_dev(flat_ids), to_dev(np.concatenate(positions)), meta
 
-    def _decode_groups(self, chunks: tuple[Chunk, ...]) -> DecodeGroups | None:
+    def _decode_groups(self, chunks: tuple[Chunk, ...]) -> DecodeGroups:
         """Consecutive rows under the same prefix form a group that shares its borrowed blocks."""
-        if not self.group_decode:
-            return None
         starts, shared = [0], []
         for i, c in enumerate(chunks):
             if i and c.seq.parent is not None and c.seq.parent is chunks[i - 1].seq.parent:
@@ -104,6 +101,8 @@ class ModelRunner:
             group_start_loc=self._to_device(np.asarray(starts, dtype=np.int32)),
             shared_blocks=self._to_device(np.asarray(shared, dtype=np.int32)),
             max_group_size=int(sizes.max()),
+            group_start_cpu=tuple(starts),
+            shared_blocks_cpu=tuple(shared),
         )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

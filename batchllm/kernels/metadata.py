@@ -32,6 +32,8 @@ class DecodeGroups:
     group_start_loc: torch.Tensor  # [num_groups + 1] int32, over sequences
     shared_blocks: torch.Tensor  # [num_groups] int32
     max_group_size: int
+    group_start_cpu: tuple[int, ...] = ()  # host copies, so torch paths loop without a device sync
+    shared_blocks_cpu: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

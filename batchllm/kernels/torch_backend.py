@@ -35,6 +35,8 @@ class TorchAttention:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode and meta.decode_groups is not None and any(meta.decode_groups.shared_blocks_cpu):
+            return cascade_decode_attention(q, k_cache, v_cache, meta, scale)
         if meta.is_decode:
             return decode_attention(q, k_cache, v_cache, meta, scale)
         return varlen_attention(q, k_cache, v_cache, meta, scale)
@@ -81,19 +83,19 @@ def _causal_sdpa(
     scale: float,
 ) -> torch.Tensor:  # [query_len, num_heads, head_dim]
     query_len, seq_len = q.shape[0], keys.shape[0]
-    group = q.shape[1] // keys.shape[1]
     qh = q.transpose(0, 1)[None]  # [1, heads, query_len, head_dim]
-    kh = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]  # [1, heads, seq_len, head_dim]
-    vh = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    kh = keys.transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
+    vh = values.transpose(0, 1)[None]
+    gqa = q.shape[1] != keys.shape[1]
     if context_len == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     elif query_len == 1:  # the last position sees everything
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     else:
         key_pos = torch.arange(seq_len, device=q.device)
         query_pos = torch.arange(context_len, seq_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 
@@ -121,3 +123,73 @@ def decode_attention(
         row_mask = mask[lo:hi, None, None, :]  # [n, 1, 1, max_len]
         outs.append(F.scaled_dot_product_attention(qg[lo:hi], keys, values, attn_mask=row_mask, scale=scale))
     return torch.cat(outs).reshape(num_seqs, num_heads, head_dim)
+
+
+def cascade_decode_attention(
+    q: torch.Tensor,  # [num_seqs, num_heads, head_dim], one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """Decode with shared prefixes: every group's queries attend to the group's shared blocks together
+    (read once, one matrix product), each row attends to the rest of its context, and the two partial
+    results are merged exactly through their log-sum-exp."""
+    groups = meta.decode_groups
+    num_seqs, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    qg = q.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim).float()
+    shared = torch.zeros(num_seqs, dtype=torch.long)
+    for g, blocks in enumerate(groups.shared_blocks_cpu):
+        shared[groups.group_start_cpu[g] : groups.group_start_cpu[g + 1]] = blocks
+    out, lse = _suffix_state(qg, k_cache, v_cache, meta, shared.to(q.device), scale)
+    for g, blocks in enumerate(groups.shared_blocks_cpu):
+        if blocks == 0:
+            continue
+        lo, hi = groups.group_start_cpu[g], groups.group_start_cpu[g + 1]
+        table = meta.block_tables[lo, :blocks].long()
+        keys = k_cache[table].flatten(0, 1).transpose(0, 1).float()  # [kv_heads, P, head_dim]
+        values = v_cache[table].flatten(0, 1).transpose(0, 1).float()
+        scores = torch.einsum("nkgd,kld->nkgl", qg[lo:hi], keys) * scale
+        p_lse = scores.logsumexp(-1)  # [n, kv_heads, group]
+        p_out = torch.einsum("nkgl,kld->nkgd", (scores - p_lse[..., None]).exp(), values)
+        out[lo:hi], lse[lo:hi] = _merge(out[lo:hi], lse[lo:hi], p_out, p_lse)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _suffix_state(
+    qg: torch.Tensor,  # [num_seqs, kv_heads, group, head_dim] float32
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    shared: torch.Tensor,  # [num_seqs] int64: leading blocks each row leaves to its group
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, kv_heads, group, head_dim], lse [n, kv_heads, group]
+    """Attention state of each row over its context after the shared blocks (padded, masked)."""
+    block_size = k_cache.shape[1]
+    seq_lens = meta.seq_lens.long()
+    first = shared * block_size  # first position each row attends to here
+    width = math.ceil(
+        max(s - b * block_size for s, b in zip(meta.seq_lens_cpu, shared.tolist())) / block_size
+    )
+    cols = shared[:, None] + torch.arange(width, device=qg.device)[None, :]  # [n, width] block columns
+    # Columns past a row's table are padding; their positions are >= seq_len, so the mask drops them.
+    table = meta.block_tables.long().gather(1, cols.clamp(max=meta.block_tables.shape[1] - 1))
+    pos = (cols * block_size)[:, :, None] + torch.arange(block_size, device=qg.device)  # [n, width, bs]
+    valid = ((pos >= first[:, None, None]) & (pos < seq_lens[:, None, None])).flatten(1)  # [n, L]
+    keys = k_cache[table].flatten(1, 2).transpose(1, 2).float()  # [n, kv_heads, L, head_dim]
+    values = v_cache[table].flatten(1, 2).transpose(1, 2).float()
+    scores = torch.einsum("nkgd,nkld->nkgl", qg, keys) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("nkgl,nkld->nkgd", (scores - lse[..., None]).exp().nan_to_num(0.0), values)
+    return out, lse
+
+
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact combination of two attention states over disjoint key sets."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
+    return out, lse

@@ -1,0 +1,59 @@
+"""The torch backend's cascade decode (shared prefix once per group + each row's suffix, merged by
+log-sum-exp) equals plain decode attention over each row's whole context."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
+from batchllm.kernels.torch_backend import cascade_decode_attention, decode_attention
+
+
+def _meta(
+    rows: list[tuple[list[int], int]], starts: list[int], shared: list[int], bs: int
+) -> AttentionMetadata:
+    """rows: (shared block ids, seq_len); each row gets fresh blocks after its shared ones."""
+    tables, lens, nxt = [], [], 100
+    for shared_ids, seq_len in rows:
+        table = list(shared_ids)
+        while len(table) < math.ceil(seq_len / bs):
+            table.append(nxt)
+            nxt += 1
+        tables.append(table)
+        lens.append(seq_len)
+    bt = torch.zeros(len(rows), max(map(len, tables)), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t)
+    n = len(rows)
+    groups = DecodeGroups(
+        torch.tensor(starts, dtype=torch.int32), torch.tensor(shared, dtype=torch.int32),
+        max(b - a for a, b in zip(starts, starts[1:])), tuple(starts), tuple(shared),
+    )  # fmt: skip
+    return AttentionMetadata(
+        torch.arange(n + 1, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt,
+        torch.zeros(n, dtype=torch.long), 1, max(lens), (1,) * n, tuple(lens), groups,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_heads, heads", [(1, 1), (2, 6), (2, 2)])
+def test_cascade_decode_equals_plain_decode(kv_heads, heads):
+    torch.manual_seed(0)
+    bs, d = 4, 16
+    k_cache, v_cache = torch.randn(200, bs, kv_heads, d), torch.randn(200, bs, kv_heads, d)
+    a, b = [10, 11, 12], [20]
+    rows = [
+        (a, 17),
+        (a, 13),
+        (a, 20),
+        ([], 20),
+        ([], 3),
+        (b, 9),
+        (b, 5),
+    ]  # (a, 20): suffix ends in the last column
+    meta = _meta(rows, starts=[0, 3, 4, 5, 7], shared=[3, 0, 0, 1], bs=bs)
+    q = torch.randn(len(rows), heads, d)
+    expected = decode_attention(q, k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, meta, 0.3), expected)
