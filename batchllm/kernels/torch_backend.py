@@ -9,6 +9,7 @@ its sequence's whole context, read back from the cache through the block table::
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -61,42 +62,62 @@ def varlen_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """General path (prefill, chunked prefill, mixed batches): one SDPA per sequence."""
-    outs = []
-    start = 0
-    for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
-        if query_len == 0:
-            continue
-        table = meta.block_tables[i, : math.ceil(seq_len / k_cache.shape[1])]
-        keys = k_cache[table].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, head_dim]
-        values = v_cache[table].flatten(0, 1)[:seq_len]
-        outs.append(_causal_sdpa(q[start : start + query_len], keys, values, seq_len - query_len, scale))
-        start += query_len
-    return torch.cat(outs) if outs else q.new_empty(q.shape)
+    """General path (prefill, chunked prefill, mixed batches). Sequences are bucketed by query length
+    (powers of two), so padding stays small when decode rows share a step with long prefill chunks;
+    each bucket is one padded, masked SDPA."""
+    out = torch.empty_like(q)
+    buckets: dict[int, list[int]] = {}
+    for i, query_len in enumerate(meta.query_lens_cpu):
+        buckets.setdefault(max(query_len - 1, 0).bit_length(), []).append(i)
+    starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
+    for seqs in buckets.values():
+        tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
+        out[tokens] = _padded_attention(q[tokens], k_cache, v_cache, meta, seqs, scale)
+    return out
 
 
-def _causal_sdpa(
-    q: torch.Tensor,  # [query_len, num_heads, head_dim]
-    keys: torch.Tensor,  # [seq_len, kv_heads, head_dim]
-    values: torch.Tensor,  # [seq_len, kv_heads, head_dim]
-    context_len: int,
+def _padded_attention(
+    q: torch.Tensor,  # [tokens of seqs, num_heads, head_dim], in seqs order
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    seqs: list[int],
     scale: float,
-) -> torch.Tensor:  # [query_len, num_heads, head_dim]
-    query_len, seq_len = q.shape[0], keys.shape[0]
-    qh = q.transpose(0, 1)[None]  # [1, heads, query_len, head_dim]
-    kh = keys.transpose(0, 1)[None]  # [1, kv_heads, seq_len, head_dim]
-    vh = values.transpose(0, 1)[None]
-    gqa = q.shape[1] != keys.shape[1]
-    if context_len == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif query_len == 1:  # the last position sees everything
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
-    else:
-        key_pos = torch.arange(seq_len, device=q.device)
-        query_pos = torch.arange(context_len, seq_len, device=q.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out[0].transpose(0, 1)
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group, dev, n = num_heads // kv_heads, q.device, len(seqs)
+    q_lens = [meta.query_lens_cpu[i] for i in seqs]
+    max_q, max_len = max(q_lens), max(meta.seq_lens_cpu[i] for i in seqs)
+    index = torch.tensor(seqs, device=dev)
+    query_lens = torch.tensor(q_lens, device=dev)
+    seq_lens = meta.seq_lens.long()[index]
+    # (row, j) of every real new token: scatter q into the padded batch and gather the output back.
+    row_of = torch.repeat_interleave(torch.arange(n, device=dev), query_lens)
+    j_of = torch.arange(q.shape[0], device=dev) - (torch.cumsum(query_lens, 0) - query_lens)[row_of]
+    qp = q.new_zeros(n, max_q, num_heads, head_dim)
+    qp[row_of, j_of] = q
+    qp = (
+        qp.reshape(n, max_q, kv_heads, group, head_dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(n, kv_heads, -1, head_dim)
+    )
+    key_pos = torch.arange(max_len, device=dev)
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=dev)  # [n, max_q]
+    mask = (key_pos <= query_pos[:, :, None]) & (key_pos < seq_lens[:, None, None])  # [n, max_q, max_len]
+    mask = mask.repeat(1, group, 1)[:, None]  # [n, 1, group * max_q, max_len], rows ordered like qp
+    table = meta.block_tables[index, : math.ceil(max_len / block_size)].long()
+    rows = max(1, _DECODE_GATHER_ELEMENTS // (max(max_len, max_q * group) * kv_heads * head_dim))
+    outs = []
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        keys = k_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [m, kv_heads, L, head_dim]
+        values = v_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        outs.append(
+            F.scaled_dot_product_attention(qp[lo:hi], keys, values, attn_mask=mask[lo:hi], scale=scale)
+        )
+    out = torch.cat(outs).reshape(n, kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(n, max_q, num_heads, head_dim)[row_of, j_of]
 
 
 def decode_attention(
