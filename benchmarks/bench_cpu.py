@@ -3,15 +3,18 @@
     python benchmarks/bench_cpu.py                          # 8 groups x 8 rows, 32 new tokens
     python benchmarks/bench_cpu.py --threads 2 --json cpu.json --profile
 
-Workload: a ~600-token shared instruction > 8 groups with a ~50-token group text > 8 rows each with a
-~15-token row text; rows shuffled; greedy, exactly 32 new tokens per row (EOS ignored); a ~20M-parameter
-Llama-shaped random model (hidden 384, 8 layers, 6 heads, 2 KV heads, vocab 4096), float32, CPU.
+Workload: a ~600-token shared instruction > 8 groups with a ~50-token group text > 8 rows each with
+a ~15-token row text (opening with a "Question r:" template); rows shuffled; greedy, exactly 32 new
+tokens per row (EOS ignored); a ~20M-parameter Llama-shaped random model (hidden 384, 8 layers,
+6 heads, 2 KV heads, vocab 4096), float32, CPU.
 Every system gets the same model files and the same prompt strings, and is warmed up once on 2 rows.
 
 Timing rule (the same for every system): wall seconds from the prompt strings to the decoded output
 texts, model load excluded. batchllm: `pipeline.run` (reading the Parquet input, tokenizing, planning,
 generating, detokenizing, writing the output Parquet) minus the seconds its `load_model` call took.
-transformers: tokenizing + the generate call(s) + decoding. Best of `--repeats` runs.
+transformers: tokenizing + the generate call(s) + decoding. Best of `--repeats` runs, taken
+round-robin. generate_batch() builds a fresh manager (and an empty prefix cache) per call, as
+batchllm builds a fresh KV pool per run, so the warm-up leaves neither system a cached prefix.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import logging
 import os
 import pstats
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,6 +55,19 @@ MODEL_SHAPE = dict(hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=2, i
 
 
 @dataclass(frozen=True)
+class Clock:
+    wall: float
+    cpu: float  # process CPU seconds, every thread
+
+    @staticmethod
+    def now() -> Clock:
+        return Clock(time.perf_counter(), time.process_time())
+
+    def __sub__(self, other: Clock) -> Clock:
+        return Clock(self.wall - other.wall, self.cpu - other.cpu)
+
+
+@dataclass(frozen=True)
 class Workload:
     prefix: str  # the shared instruction (batchllm's --prefix)
     texts: list[str]  # group text + row text per row, shuffled (batchllm's text column)
@@ -63,15 +80,19 @@ class Workload:
 @dataclass(frozen=True)
 class Run:
     seconds: float
+    cpu_seconds: float  # this process's CPU time (all threads) over the same span: less hit by co-tenants
     outputs: list[str]  # decoded generated text per row, in input order
     output_tokens: int
     prefill_tokens: int  # prompt tokens run through the model (padding included for static batches)
+    phases: dict[str, float] = field(default_factory=dict)  # batchllm's own phase seconds
+    unique_prompt_tokens: int = 0  # batchllm's count of distinct prefix-tree tokens
 
 
 @dataclass(frozen=True)
 class Row:
     system: str
     seconds: float
+    cpu_seconds: float
     requests_per_s: float
     input_tok_per_s: float
     output_tok_per_s: float
@@ -110,16 +131,15 @@ def make_model(workdir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _timed_attr(owner: object, name: str, sink: list[float]) -> Iterator[None]:
-    """Temporarily wrap owner.name so that each call's wall seconds are appended to `sink`."""
+def _observed(owner: object, name: str, sink: Callable[[object, Clock], None]) -> Iterator[None]:
+    """Temporarily wrap owner.name so that each call's result and (wall, CPU) seconds go to `sink`."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink.append(time.perf_counter() - t0)
+        start = Clock.now()
+        result = original(*args, **kwargs)
+        sink(result, Clock.now() - start)
+        return result
 
     setattr(owner, name, wrapper)
     try:
@@ -141,13 +161,19 @@ def run_batchllm(model_dir: Path, work: Workload, workdir: Path, sharing: bool, 
         engine=EngineConfig(device="cpu", dtype="float32", prefix_sharing=sharing),
         progress=False,
     )
-    load: list[float] = []
-    with _timed_attr(batchllm.pipeline, "load_model", load):
-        t0 = time.perf_counter()
+    load: list[Clock] = []
+    with _observed(batchllm.pipeline, "load_model", lambda _, took: load.append(took)):
+        start = Clock.now()
         outcome = batchllm.pipeline.run(job)
-        seconds = time.perf_counter() - t0 - sum(load)
+        took = Clock.now() - start
+    if not load:  # the pipeline no longer loads through this name: the subtraction would be silently 0
+        raise RuntimeError("batchllm.pipeline.load_model was not called; update run_batchllm's load timing")
+    for loading in load:
+        took -= loading
     out = pq.read_table(job.output).to_pydict()
-    return Run(seconds, out["output"], sum(out["output_tokens"]), outcome.engine.prefill_tokens)
+    phases = {k: round(v, 3) for k, v in outcome.phases.items()}
+    prefill, unique = outcome.engine.prefill_tokens, outcome.unique_prompt_tokens
+    return Run(took.wall, took.cpu, out["output"], sum(out["output_tokens"]), prefill, phases, unique)
 
 
 def _greedy_config() -> GenerationConfig:
@@ -157,7 +183,7 @@ def _greedy_config() -> GenerationConfig:
 
 
 def run_hf_generate(model, tok, work: Workload) -> Run:
-    t0 = time.perf_counter()
+    start = Clock.now()
     prompts, outputs, prefill = work.prompts, [], 0
     for i in range(0, len(prompts), HF_STATIC_BATCH):
         enc = tok(prompts[i : i + HF_STATIC_BATCH], return_tensors="pt", padding=True)
@@ -166,18 +192,20 @@ def run_hf_generate(model, tok, work: Workload) -> Run:
             ids = model.generate(**enc, generation_config=_greedy_config())
         outputs += tok.batch_decode(ids[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         new_tokens = ids.shape[1] - enc.input_ids.shape[1]
-    return Run(time.perf_counter() - t0, outputs, new_tokens * len(prompts), prefill)
+    took = Clock.now() - start
+    return Run(took.wall, took.cpu, outputs, new_tokens * len(prompts), prefill)
 
 
 def run_hf_generate_batch(model, tok, work: Workload) -> Run:
-    t0 = time.perf_counter()
+    start = Clock.now()
     inputs = tok(work.prompts)["input_ids"]
     blocks = sum(-(-(len(p) + NEW_TOKENS) // BLOCK) for p in inputs) + 8
     cb = ContinuousBatchingConfig(
         page_size=BLOCK, num_blocks=blocks, max_batch_tokens=TOKEN_BUDGET, allow_block_sharing=True
     )
-    matched: list[int] = []
-    with _count_prefix_matches(matched), torch.inference_mode():
+    matched: list[int] = []  # prompt tokens generate_batch took from its prefix cache
+    count = _observed(PagedAttentionCache, "search_prefix_match", lambda n, _: matched.append(int(n)))
+    with count, torch.inference_mode():
         results = model.generate_batch(
             inputs, generation_config=_greedy_config(), continuous_batching_config=cb
         )
@@ -185,51 +213,52 @@ def run_hf_generate_batch(model, tok, work: Workload) -> Run:
         raise RuntimeError(f"generate_batch returned {len(results)} results for {len(inputs)} prompts")
     gen = [r.generated_tokens for r in results.values()]  # in input order
     outputs = tok.batch_decode(gen, skip_special_tokens=True)
-    seconds = time.perf_counter() - t0
-    return Run(seconds, outputs, sum(map(len, gen)), sum(map(len, inputs)) - sum(matched))
+    took = Clock.now() - start
+    return Run(took.wall, took.cpu, outputs, sum(map(len, gen)), sum(map(len, inputs)) - sum(matched))
 
 
-@contextlib.contextmanager
-def _count_prefix_matches(sink: list[int]) -> Iterator[None]:
-    """Record the prompt tokens generate_batch took from its prefix cache instead of computing."""
-    original = PagedAttentionCache.search_prefix_match
-
-    def wrapper(self, request_id, prompt_ids):
-        n = original(self, request_id, prompt_ids)
-        sink.append(n)
-        return n
-
-    PagedAttentionCache.search_prefix_match = wrapper
-    try:
-        yield
-    finally:
-        PagedAttentionCache.search_prefix_match = original
-
-
-def best_of(repeats: int, fn: Callable[[], Run]) -> Run:
-    return min((fn() for _ in range(repeats)), key=lambda r: r.seconds)
+def measure(
+    systems: dict[str, Callable[[Workload, str], Run]], work: Workload, repeats: int
+) -> dict[str, Run]:
+    """Warm each system up on 2 rows, then time them round-robin (so that a slow spell of a shared
+    machine hits every system alike) and keep each one's best run."""
+    warm = Workload(work.prefix, work.texts[:2])
+    for i, fn in enumerate(systems.values()):
+        fn(warm, f"warm{i}")
+    best: dict[str, Run] = {}
+    for rep in range(repeats):
+        for i, (name, fn) in enumerate(systems.items()):
+            run = fn(work, f"run{rep}-{i}")
+            print(f"  run {rep + 1}/{repeats} {name}: {run.seconds:.2f} s", file=sys.stderr, flush=True)
+            if name not in best or run.seconds < best[name].seconds:
+                best[name] = run
+    return best
 
 
 def table_rows(runs: dict[str, Run], input_tokens: int, rows: int) -> list[Row]:
     ref = runs["batchllm"]
     out = []
     for name, r in runs.items():
+        if r.output_tokens != rows * NEW_TOKENS:
+            raise RuntimeError(f"{name} generated {r.output_tokens} tokens, not {rows} x {NEW_TOKENS}")
         same = sum(a == b for a, b in zip(r.outputs, ref.outputs)) / rows
+        t = r.seconds
         out.append(Row(
-            name, r.seconds, rows / r.seconds, input_tokens / r.seconds, r.output_tokens / r.seconds,
-            (input_tokens + r.output_tokens) / r.seconds, r.prefill_tokens, r.seconds / ref.seconds, same,
+            name, t, r.cpu_seconds, rows / t, input_tokens / t, r.output_tokens / t,
+            (input_tokens + r.output_tokens) / t, r.prefill_tokens, t / ref.seconds, same,
         ))  # fmt: skip
     return out
 
 
 def print_table(rows: list[Row]) -> None:
-    head = ("system", "s", "req/s", "in tok/s", "out tok/s", "tot tok/s", "prefill", "bllm x", "match")
+    head = ("system", "s", "CPU s", "req/s", "in tok/s", "out tok/s", "tot tok/s", "prefill computed",
+            "batchllm speedup", "same text")  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print(
-            f"| {r.system} | {r.seconds:.2f} | {r.requests_per_s:.1f} | {r.input_tok_per_s:.0f} | "
-            f"{r.output_tok_per_s:.0f} | {r.total_tok_per_s:.0f} | {r.prefill_tokens} | "
-            f"{r.batchllm_speedup:.2f} | {r.match_vs_batchllm:.0%} |"
+            f"| {r.system} | {r.seconds:.2f} | {r.cpu_seconds:.1f} | {r.requests_per_s:.1f} | "
+            f"{r.input_tok_per_s:.0f} | {r.output_tok_per_s:.0f} | {r.total_tok_per_s:.0f} | "
+            f"{r.prefill_tokens} | {r.batchllm_speedup:.2f} | {r.match_vs_batchllm:.0%} |"
         )
 
 
@@ -252,7 +281,7 @@ def profile_batchllm(model_dir: Path, work: Workload, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per system; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="cProfile one more batchllm run")
     args = parser.parse_args()
@@ -265,29 +294,35 @@ def main() -> None:
         model_dir = make_model(workdir)
         tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         work = make_workload(tok)
-        warm = Workload(work.prefix, work.texts[:2])
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        lens = [len(ids) for ids in tok(work.prompts)["input_ids"]]
         systems: dict[str, Callable[[Workload, str], Run]] = {
             "batchllm": lambda w, t: run_batchllm(model_dir, w, workdir, True, t),
             "batchllm --no-prefix-sharing": lambda w, t: run_batchllm(model_dir, w, workdir, False, t),
             f"transformers generate() static {HF_STATIC_BATCH}": lambda w, t: run_hf_generate(model, tok, w),
             "transformers generate_batch()": lambda w, t: run_hf_generate_batch(model, tok, w),
         }
-        runs: dict[str, Run] = {}
-        for i, (name, fn) in enumerate(systems.items()):
-            fn(warm, f"warm{i}")
-            runs[name] = best_of(args.repeats, lambda fn=fn, i=i: fn(work, f"run{i}-{time.monotonic_ns()}"))
-        rows = table_rows(runs, sum(lens), len(lens))
-        info = machine(torch.get_num_threads())
-        print(f"machine: {info}\nmodel: {model.num_parameters() / 1e6:.1f}M parameters, float32")
-        print(f"rows {len(lens)}, prompt tokens {sum(lens)} (mean {sum(lens) / len(lens):.0f}), "
-              f"{NEW_TOKENS} new tokens per row\n")  # fmt: skip
-        print_table(rows)
-        if args.json:
-            args.json.write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        runs = measure(systems, work, args.repeats)
+        report(runs, work, tok, model.num_parameters(), args)
         if args.profile:
             profile_batchllm(model_dir, work, workdir)
+
+
+def report(runs: dict[str, Run], work: Workload, tok, params: int, args: argparse.Namespace) -> None:
+    lens = [len(ids) for ids in tok(work.prompts)["input_ids"]]
+    rows = table_rows(runs, sum(lens), len(lens))
+    info = machine(torch.get_num_threads())
+    print(f"machine: {info}\nmodel: Llama-shaped, {params / 1e6:.1f}M parameters, float32")
+    print(f"rows {len(lens)}, prompt tokens {sum(lens)} (mean {sum(lens) / len(lens):.0f}, "
+          f"{runs['batchllm'].unique_prompt_tokens} distinct), {NEW_TOKENS} new tokens per row, "
+          f"best of {args.repeats}\n")  # fmt: skip
+    print_table(rows)
+    phases = {name: r.phases for name, r in runs.items() if r.phases}
+    for name, ph in phases.items():
+        print(f"{name} phases (s): {ph}")
+    if args.json:
+        result = {"machine": info, "params": params, "prompt_tokens": sum(lens), "repeats": args.repeats,
+                  "rows": [asdict(r) for r in rows], "batchllm_phases": phases}  # fmt: skip
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
