@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
@@ -69,6 +70,12 @@ def run(
     checkpoint_rows: Annotated[int, Opt(help="Commit finished rows at least every N rows...")] = 10_000,
     checkpoint_seconds: Annotated[float, Opt(help="...and at least every S seconds.")] = 60.0,
     report: Annotated[Path | None, Opt(help="Write the run report as JSON here.")] = None,
+    workers: Annotated[
+        int | None, Opt(help="Engine workers on Ray (one per GPU); 1: in this process.", min=1)
+    ] = None,
+    ray_address: Annotated[
+        str | None, Opt(help="Join this Ray cluster and use its GPUs (--workers caps the count).")
+    ] = None,
     quiet: Annotated[bool, Opt(help="No progress output.")] = False,
     debug: Annotated[bool, Opt(help="Show tracebacks.")] = False,
 ) -> None:
@@ -148,6 +155,8 @@ def _job_spec(p: dict) -> JobSpec:
         window_rows=p["window"],
         checkpoint_rows=p["checkpoint_rows"],
         checkpoint_seconds=p["checkpoint_seconds"],
+        workers=p["workers"],
+        ray_address=p["ray_address"],
     )
 
 
@@ -279,21 +288,21 @@ def demo(
         )
         with _job_errors(False):
             _run(job, False)
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(job.output).slice(0, 5).to_pandas() if _has_pandas() else None
-        if table is not None:
-            err.print(table[["id", "output", "prompt_tokens", "cached_tokens", "finish_reason"]].to_string())
+        _preview(job.output)
         if keep is None:
             err.print("(pass --keep DIR to keep the model, data and output)")
 
 
-def _has_pandas() -> bool:
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _preview(output: Path, rows: int = 5) -> None:
+    import pyarrow.parquet as pq
+
+    table = Table(title=f"first rows of {output.name}")
+    columns = ["id", "output", "prompt_tokens", "cached_tokens", "finish_reason"]
+    for name in columns:
+        table.add_column(name, no_wrap=True)
+    for row in pq.read_table(output, columns=columns).slice(0, rows).to_pylist():
+        table.add_row(*(escape(repr(row[c])[:40] if c == "output" else str(row[c])) for c in columns))
+    err.print(table)
 
 
 class _job_errors:
@@ -311,9 +320,10 @@ class _job_errors:
         if self.debug:
             return False
         if isinstance(exc, (JobError, ValueError)):
-            err.print(f"[red]error:[/] {exc}", highlight=False)
+            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         else:
-            err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            what = f"{type(exc).__name__}: {escape(str(exc))}"
+            err.print(f"[red]error:[/] {what} (run with --debug for the traceback)")
         raise typer.Exit(2)
 
 

@@ -79,8 +79,14 @@ class JobSpec:
     window_rows: int = 250_000  # rows planned and run together (one prefix tree per window)
     checkpoint_rows: int = 10_000  # commit finished rows at least this often...
     checkpoint_seconds: float = 60.0  # ...and at least this often
+    workers: int | None = None  # engine workers; None: 1, or every GPU of the Ray cluster at ray_address
+    ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); None: local
 
     def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("ray-address must not be empty")
         if self.format is not None:
             _check_choice("format", self.format, ("parquet", "jsonl"))
         if self.checkpoint_rows < 1 or self.checkpoint_seconds <= 0:

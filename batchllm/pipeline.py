@@ -1,22 +1,32 @@
-"""``batchllm run``: input rows -> prompts -> plan -> engine -> committed shards -> output Parquet.
+"""``batchllm run``: input rows -> prompts -> plan -> work units -> engine(s) -> committed shards -> output.
 
 Every run lives in a run directory (manifest, committed shards, metrics). Re-running the same command
 resumes it: committed rows are skipped, the rest generated, and the output assembled in input order.
+The driver reads, tokenizes and plans each window once; the window's plan becomes work units
+(``distributed.units``) that run on the engine in this process, or on Ray workers with ``workers > 1``
+or a ``ray_address`` (``distributed.ray_executor``). Both run units with the same ``UnitRunner``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from batchllm.config import JobSpec
-from batchllm.engine import Engine, EngineStats
-from batchllm.errors import JobError
+from batchllm.distributed.fence import claim
+from batchllm.distributed.progress import WorkerProgress
+from batchllm.distributed.units import PlannedRows, WorkUnit, split_plan
+from batchllm.distributed.worker import LocalExecutor, UnitCalls, UnitRunner
+from batchllm.engine import EngineStats
 from batchllm.faults import crash_point
 from batchllm.interrupt import Interrupted, StopRequest
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
@@ -25,22 +35,28 @@ from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
 from batchllm.io.writer import RunDir, result_table
 from batchllm.model.config import load_model_config, resolve_model_path
-from batchllm.model.decoder import allocate_kv_caches, kv_bytes_per_block
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats, make_plan
 from batchllm.prefix_tree.tree import TokenSeqs
 from batchllm.progress import RowProgress
-from batchllm.results import WindowResults
-from batchllm.runner import ModelRunner
-from batchllm.runtime import kv_pool_blocks, make_backend, resolve_placement
-from batchllm.scheduler.block_pool import BlockPool
-from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.sequence import Sequence
-from batchllm.stopping import StopChecker
-from batchllm.workload import Window, plan_sequences, read_windows, row_keys
+from batchllm.results import RowBlock, UnitStats, error_table
+from batchllm.workload import Window, read_windows, row_keys
 
 log = logging.getLogger("batchllm")
+
+
+class Executor(Protocol):
+    """Runs a window's work units: ``LocalExecutor`` in this process, ``RayExecutor`` on Ray workers."""
+
+    workers: int
+    retries: int  # units run again because their worker died
+    device: str
+    dtype: str
+
+    def run(self, units: list[WorkUnit], calls: UnitCalls, on_done: Callable[[UnitStats], None]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -62,6 +78,9 @@ class RunOutcome:
     peak_kv_blocks: int = 0
     kv_blocks: int = 0
     resumed: bool = False
+    workers: int = 1
+    worker_retries: int = 0  # units run again because their worker died
+    per_worker: dict[str, dict] = field(default_factory=dict)  # name -> rows, output_tokens, seconds, units
 
     def phase(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
@@ -78,53 +97,76 @@ class JobRunner:
         self.stop = stop
         self.job = job
         self.out = RunOutcome()
+        self.distributed = job.ray_address is not None or (job.workers or 1) > 1
+        if self.distributed:  # fail before any work when Ray is missing
+            from batchllm.distributed.ray_executor import import_ray
+
+            import_ray()
         self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
         if fresh and job.run_dir.exists():
             shutil.rmtree(job.run_dir)
         self.run_dir = RunDir(job.run_dir)
         self.run_dir.ensure_writable(job.output)
         self.metrics = MetricsLog(job.run_dir)
-        self.model_path = resolve_model_path(job.model)
-        self.mcfg = load_model_config(self.model_path)
-        self.tokenizer = load_tokenizer(self.model_path)
-        self.prompter = Prompter(self.tokenizer, job.prefix, job.chat)
-        settings = output_settings(job, self.model_path, getattr(self.tokenizer, "chat_template", None))
+        model_path = resolve_model_path(job.model)
+        self.mcfg = load_model_config(model_path)
+        tokenizer = load_tokenizer(model_path)
+        self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        settings = output_settings(job, model_path, getattr(tokenizer, "chat_template", None))
         started = time.perf_counter()
         self.out.resumed = check_or_write(job.run_dir, input_fingerprint(self.source), settings)
         self.out.phase("read", time.perf_counter() - started)
+        self.owner = claim(job.run_dir)  # before reading what is committed: see fence.py
         self.done = np.zeros(self.source.num_rows, dtype=bool)
         self.done[self.run_dir.committed_row_indices()] = True
-        self.place = resolve_placement(job.engine)
-        self.model = load_model(
-            self.model_path, self.mcfg, self.place.dtype, self.place.device, job.engine.load_format == "dummy"
-        )
-        self.backend = make_backend(job.engine, self.place.device)
-        self.stopper = StopChecker(self.tokenizer, self.mcfg.eos_token_ids, job.sampling)
-        self.kv_caches: list = []
-        self.progress = RowProgress(self.source.num_rows, enabled=job.progress)
+        progress = WorkerProgress if self.distributed else RowProgress
+        self.progress = progress(self.source.num_rows, enabled=job.progress)
+        try:
+            self.executor = self._executor(model_path, tokenizer)
+        except BaseException:
+            self.progress.close()
+            raise
         self.out.phase("load", time.perf_counter() - self.t0)
+
+    def _executor(self, model_path: Path, tokenizer) -> Executor:
+        job = self.job
+        if not self.distributed:
+            runner = UnitRunner(
+                job, self.run_dir, "local", model_path, self.mcfg, tokenizer, loader=load_model
+            )
+            return LocalExecutor(runner, self.progress)
+        from batchllm.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(job, self.run_dir, self.metrics, self.progress, self.owner)
 
     def run(self) -> RunOutcome:
         out, job = self.out, self.job
         out.rows = self.source.num_rows
         out.rows_skipped = int(self.done.sum())
-        out.device, out.dtype = str(self.place.device), str(self.place.dtype).removeprefix("torch.")
-        self.metrics.append("attempt", rows=out.rows, rows_committed=out.rows_skipped, resumed=out.resumed)
+        out.device, out.dtype, out.workers = self.executor.device, self.executor.dtype, self.executor.workers
+        self.metrics.append(
+            "attempt",
+            rows=out.rows,
+            rows_committed=out.rows_skipped,
+            resumed=out.resumed,
+            workers=out.workers,
+        )
         self.progress.advance(out.rows_skipped, 0, 0)
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
         windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
         try:
-            while True:
+            for number in itertools.count():
                 started = time.perf_counter()
                 window = next(windows, None)
                 out.phase("read", time.perf_counter() - started)
                 if window is None:
                     break
-                self._run_window(window)
+                self._run_window(window, number)
         except (Interrupted, KeyboardInterrupt):
             self._end("interrupted")
             raise Interrupted from None
         finally:
+            self.executor.close()
             self.progress.close()
         started = time.perf_counter()
         if out.rows == 0:
@@ -134,74 +176,68 @@ class JobRunner:
         self._end("done")
         return out
 
-    def _run_window(self, window: Window) -> None:
+    def _run_window(self, window: Window, number: int) -> None:
         job, out = self.job, self.out
-        every = (job.checkpoint_rows, job.checkpoint_seconds)
-        results = WindowResults(window, self.run_dir, *every, self._commit)
+        failed = window.failed()
+        if failed.size:
+            self.run_dir.commit(error_table(RowBlock.of_window(window, failed)))
+            self._commit(int(failed.size), 0)
+        self.progress.advance(int(failed.size), 0, 0)
+        out.rows_failed += int(failed.size)
         runnable = window.runnable()
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
         out.plan_stats.append(plan.stats)
-        out.phase("plan", time.perf_counter() - started)
-        engine, pool = self._engine(prompts, plan)
-        dups = _duplicates_by_representative(plan.duplicate_of)
-
-        def on_finish(seq: Sequence) -> None:
-            text, n_out, reason = self.stopper.text(seq.output_ids), len(seq.output_ids), seq.finish_reason
-            results.finish(int(runnable[seq.seq_id]), text, n_out, seq.cached_tokens, reason)
-            for dup in dups.get(seq.seq_id, ()):
-                row = int(runnable[dup])
-                results.finish(row, text, n_out, int(results.prompt_tokens[row]), reason)
-            self.progress.advance(1 + len(dups.get(seq.seq_id, ())), seq.prompt_len, n_out)
-            crash_point("row")
-
-        self.progress.advance(window.num_failed, 0, 0)
-        keys = row_keys(job.sampling.seed, window.ids, runnable)
-        try:
-            stats = engine.run(plan_sequences(plan, prompts, keys), on_finish, lambda: self.stop.requested)
-        finally:
-            results.commit()
-        out.engine.add(stats)
-        out.phase("prefill", stats.prefill_seconds)
-        out.phase("decode", stats.decode_seconds)
-        out.preemptions += engine.scheduler.num_preemptions
-        out.peak_kv_blocks = max(out.peak_kv_blocks, pool.peak_used)
-        if pool.num_used:
-            raise RuntimeError(f"KV pool holds {pool.num_used} blocks after the window finished")
         out.unique_prompt_tokens += plan.stats.unique_prompt_tokens
-        out.rows_failed += window.num_failed
-        ok = window.runnable()
-        out.prompt_tokens += int(results.prompt_tokens[ok].sum())
-        out.cached_tokens += int(results.cached_tokens.sum())
-        out.output_tokens += int(results.output_tokens.sum())
+        keys = row_keys(job.sampling.seed, window.ids, runnable)
+        planned = PlannedRows(
+            RowBlock.of_window(window, runnable), prompts, keys, job.sampling.max_new_tokens
+        )
+        units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
+        out.phase("plan", time.perf_counter() - started)
+        calls = UnitCalls(should_stop=lambda: self.stop.requested, on_commit=self._commit)
+        started = time.perf_counter()
+        try:
+            self.executor.run(units, calls, self._unit_done)
+        finally:
+            if self.distributed:  # prefill and decode happen on the workers, overlapped
+                out.phase("generate", time.perf_counter() - started)
 
-    def _engine(self, prompts: list[np.ndarray], plan) -> tuple[Engine, BlockPool]:
-        ecfg, mcfg, place = self.job.engine, self.mcfg, self.place
-        bytes_per_block = kv_bytes_per_block(mcfg, ecfg.block_size, place.dtype)
-        max_new = self.job.sampling.max_new_tokens
-        needed = sum(-(-(len(p) + max_new) // ecfg.block_size) for p in prompts) + 2 * plan.stats.groups + 1
-        num_blocks = kv_pool_blocks(ecfg, place.device, bytes_per_block, needed)
-        if prompts:
-            longest = -(-(max(len(p) for p in prompts) + max_new) // ecfg.block_size)
-            least = longest + plan.stats.max_tree_depth + 1
-            if num_blocks < least:
-                raise JobError(
-                    f"the KV cache holds {num_blocks} blocks but the longest row needs {least} "
-                    f"({least * bytes_per_block / 2**20:.1f} MiB); raise --kv-cache-memory"
-                )
-        if not self.kv_caches or self.kv_caches[0][0].shape[0] < num_blocks:
-            self.kv_caches = []  # free the old pool before allocating the larger one
-            self.kv_caches = allocate_kv_caches(mcfg, num_blocks, ecfg.block_size, place.dtype, place.device)
-            self.out.kv_blocks = num_blocks
-        pool = BlockPool(num_blocks)
-        scheduler = Scheduler(pool, ecfg.block_size, ecfg.token_budget, ecfg.max_running)
-        runner = ModelRunner(self.model, self.kv_caches, self.backend, ecfg.block_size, self.job.sampling)
-        return Engine(scheduler, runner, self.stopper), pool
+    def _unit_done(self, stats: UnitStats) -> None:
+        out = self.out
+        out.engine.add(stats.engine)
+        if not self.distributed:
+            out.phase("prefill", stats.engine.prefill_seconds)
+            out.phase("decode", stats.engine.decode_seconds)
+        out.preemptions += stats.preemptions
+        out.peak_kv_blocks = max(out.peak_kv_blocks, stats.peak_kv_blocks)
+        out.kv_blocks = max(out.kv_blocks, stats.kv_blocks)
+        out.prompt_tokens += stats.prompt_tokens
+        out.cached_tokens += stats.cached_tokens
+        out.output_tokens += stats.output_tokens
+        mine = out.per_worker.setdefault(
+            stats.worker, {"rows": 0, "output_tokens": 0, "seconds": 0.0, "units": 0}
+        )
+        mine["rows"] += stats.rows
+        mine["output_tokens"] += stats.output_tokens
+        mine["seconds"] += stats.seconds
+        mine["units"] += 1
+        self.metrics.append(
+            "unit",
+            unit=stats.unit_id,
+            worker=stats.worker,
+            rows=stats.rows,
+            prompt_tokens=stats.prompt_tokens,
+            output_tokens=stats.output_tokens,
+            prefill_tokens_computed=stats.engine.prefill_tokens,
+            seconds=stats.seconds,
+        )
 
     def _commit(self, rows: int, output_tokens: int) -> None:
-        """After each shard: one metrics record, so a report can follow a run in progress."""
+        """After each shard (or each finished unit, from Ray workers): one metrics record, so a report
+        can follow a run in progress."""
         e = self.out.engine
         self.metrics.append(
             "commit",
@@ -216,6 +252,7 @@ class JobRunner:
     def _end(self, status: str) -> None:
         out = self.out
         out.wall_seconds = time.perf_counter() - self.t0
+        out.worker_retries = self.executor.retries
         e = out.engine
         self.metrics.append(
             "end",
@@ -229,14 +266,9 @@ class JobRunner:
             kv_blocks=out.kv_blocks,
             groups=sum(s.groups for s in out.plan_stats),
             kv_samples=e.kv_samples[-2000:],
+            workers=out.per_worker,
+            worker_retries=out.worker_retries,
         )
-
-
-def _duplicates_by_representative(duplicate_of: np.ndarray) -> dict[int, list[int]]:
-    dups: dict[int, list[int]] = {}
-    for row in np.nonzero(duplicate_of != np.arange(len(duplicate_of)))[0].tolist():
-        dups.setdefault(int(duplicate_of[row]), []).append(row)
-    return dups
 
 
 def _empty_result(source) -> pa.Table:

@@ -29,7 +29,8 @@ def collect(run_dir: Path) -> dict:
     manifest = json.loads(manifest_path.read_text())
     shards = _shards(run_dir)
     ok = pa.compute.not_equal(shards["finish_reason"], "error")
-    attempts = _attempts(MetricsLog(run_dir).read())
+    records = MetricsLog(run_dir).read()
+    attempts = _attempts(records)
     rows_done = shards.num_rows
     prompt = _sum(shards.filter(ok), "prompt_tokens")
     output = _sum(shards, "output_tokens")
@@ -58,6 +59,8 @@ def collect(run_dir: Path) -> dict:
         "kv_blocks": last.get("kv_blocks", 0),
         "preemptions": sum(a.get("preemptions", 0) for a in attempts),
         "attempts": len(attempts),
+        "workers": _workers(records),
+        "worker_retries": sum(1 for r in records if r["kind"] == "retry"),
         "model": manifest["settings"]["model"],
     }
 
@@ -82,6 +85,25 @@ def _attempts(records: list[dict]) -> list[dict]:
         elif attempts and rec["kind"] == "end":
             attempts[-1].update({k: v for k, v in rec.items() if k not in ("kind", "time")})
     return attempts
+
+
+def _workers(records: list[dict]) -> dict[str, dict]:
+    """Per worker name, over every attempt: finished units' rows and output tokens, and its output tokens
+    per second of its own unit time (a unit cut short by a crash or a dead worker is not counted)."""
+    workers: dict[str, dict] = {}
+    for rec in records:
+        if rec["kind"] != "unit":
+            continue
+        w = workers.setdefault(
+            rec["worker"], {"units": 0, "rows": 0, "output_tokens": 0, "busy_seconds": 0.0}
+        )
+        w["units"] += 1
+        w["rows"] += rec["rows"]
+        w["output_tokens"] += rec["output_tokens"]
+        w["busy_seconds"] += rec["seconds"]
+    for w in workers.values():
+        w["output_tokens_per_second"] = _rate(w["output_tokens"], w["busy_seconds"])
+    return workers
 
 
 def _phases(attempts: list[dict]) -> dict[str, float]:
@@ -131,6 +153,14 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),
     ]
+    workers = report.get("workers", {})
+    if len(workers) > 1 or report.get("worker_retries"):
+        rows.append(("worker retries", f"{report['worker_retries']:,}"))
+        rows += [
+            (f"worker {name}", f"{w['rows']:,} rows  {w['output_tokens']:,} out tokens  {tps:,.0f} tok/s")
+            for name, w in workers.items()
+            for tps in [w["output_tokens_per_second"]]
+        ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

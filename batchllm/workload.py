@@ -1,4 +1,4 @@
-"""A window of input rows: read, tokenized and checked, then turned into engine work by the plan."""
+"""A window of input rows: read, tokenized and checked (the plan and its work units come after)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pyarrow as pa
 
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import InputSource
-from batchllm.prefix_tree.plan import Plan
 from batchllm.sampling import row_key
-from batchllm.scheduler.sequence import SeqKind, Sequence
 
 
 @dataclass(frozen=True)
@@ -75,31 +73,6 @@ def length_error(token_ids: np.ndarray | None, max_new_tokens: int, max_position
             f"{max_positions} positions"
         )
     return None
-
-
-def plan_sequences(plan: Plan, prompts: list[np.ndarray], keys: list[int]) -> Iterator[Sequence]:
-    """Engine work in plan order: each shared prefix just before the first row beneath it.
-
-    ``prompts[i]`` / ``keys[i]`` belong to planned row ``i``; a row's ``seq_id`` is ``i``.
-    """
-    nodes: dict[int, Sequence] = {}
-
-    def node_seq(node_id: int) -> Iterator[Sequence]:
-        if node_id == 0 or node_id in nodes:
-            return
-        node = plan.node(node_id)
-        yield from node_seq(node.parent)
-        tokens = prompts[node.source_row][: node.length].tolist()
-        seq = Sequence(node_id, SeqKind.PREFIX, tokens, node.length, parent=nodes.get(node.parent))
-        seq.pending_rows = node.num_rows
-        nodes[node_id] = seq
-        yield seq
-
-    for row in plan.row_order.tolist():
-        node_id = int(plan.row_node[row])
-        yield from node_seq(node_id)
-        tokens = prompts[row].tolist()
-        yield Sequence(row, SeqKind.ROW, tokens, len(tokens), parent=nodes.get(node_id), sample_key=keys[row])
 
 
 def row_keys(seed: int, ids: pa.Array, rows: np.ndarray) -> list[int]:

@@ -154,10 +154,9 @@ def test_report_totals_equal_the_output_file_and_plot_writes_png(job):
 
 def test_plan_json_equals_what_the_run_reports(job):
     root = job["root"]
-    result = CliRunner().invoke(
-        app, ["plan", str(root / "in.parquet"), "--model", str(job["model"]), "--prefix", str(root / "prefix.txt"),
-              "--max-new-tokens", "8", "--window", "16", "--json"],
-    )  # fmt: skip
+    prefix = str(root / "prefix.txt")
+    flags = ["--prefix", prefix, "--max-new-tokens", "8", "--window", "16", "--json"]
+    result = CliRunner().invoke(app, ["plan", str(root / "in.parquet"), "--model", str(job["model"]), *flags])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     report = json.loads(

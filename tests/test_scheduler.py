@@ -40,7 +40,7 @@ def _work(rng: random.Random, block_size: int, nested: bool):
             group.prompt_len = group.num_tokens
             work.append(group)
             parent = group
-        for r in range(rng.randint(1, 4)):
+        for _ in range(rng.randint(1, 4)):
             tokens = parent.token_ids + [3] * rng.randint(1, 2 * block_size)
             row = Sequence(len(rows), SeqKind.ROW, tokens, len(tokens), parent)
             rows.append(row)
@@ -87,8 +87,6 @@ def test_scheduler_frees_everything(seed: int, num_blocks: int):
     assert not sched.live_prefixes
     assert all(r.finish_reason == "length" for r in rows)
     assert all(r.cached_tokens == r.parent.prompt_len for r in rows)
-    if num_blocks == 12:
-        assert sched.num_preemptions >= 0
 
 
 def test_tiny_pool_forces_preemption():

@@ -11,6 +11,7 @@ import numpy as np
 from batchllm.errors import JobError
 
 logger = logging.getLogger(__name__)
+ENCODE_BATCH_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ class Prompter:
         errors = [None if t is not None else (reason or "text is null") for t, reason in zip(texts, reasons)]
         token_ids: list[np.ndarray | None] = [None] * len(texts)
         rows = [i for i, t in enumerate(texts) if t is not None]
-        encoded = self._encode_all([t for t in texts if t is not None])
-        for i, (ids, error) in zip(rows, encoded):
-            token_ids[i], errors[i] = ids, error
+        # Sub-batches bound the Python int lists the tokenizer returns (~30 bytes a token) before
+        # they are packed into int32 arrays; a million-row window would otherwise need tens of GB.
+        for lo in range(0, len(rows), ENCODE_BATCH_ROWS):
+            chunk = rows[lo : lo + ENCODE_BATCH_ROWS]
+            for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk])):
+                token_ids[i], errors[i] = ids, error
         return PromptBatch(token_ids, errors)
 
     def _encode_all(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:

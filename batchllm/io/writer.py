@@ -2,6 +2,7 @@
 
     run_dir/
       shards/shard-000000.parquet   row_index + the output schema, one file per commit
+      shards/shard-1f2e3d4c-000000.parquet   the same, from a writer with a tag (one per Ray worker)
       shards/.shard-000001.parquet.<pid>.tmp   a commit cut short by a crash: ignored, removed on open
 
 The writer sees only arrays; it knows nothing of the engine.
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("id", "output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason", "error")
 FINISH_REASONS = frozenset({"stop", "length", "error"})
-_SHARD_NAME = re.compile(r"shard-(\d{6,})\.parquet")
+_SHARD_NAME = re.compile(r"shard-(?:([0-9a-f]{8})-)?(\d{6,})\.parquet")
 
 
 def check_keep_columns(keep_columns: Sequence[str]) -> None:
@@ -79,14 +80,24 @@ def result_table(
 
 
 class RunDir:
-    """The run directory: results committed shard by shard, so a crash loses only unfinished rows."""
+    """The run directory: results committed shard by shard, so a crash loses only unfinished rows.
 
-    def __init__(self, path: Path) -> None:
+    Without ``writer`` this instance owns the directory (one at a time): it removes temp files a crash
+    left and numbers its shards after the untagged ones there. Concurrent writers (Ray workers) each
+    pass a unique 8-hex-digit ``writer`` tag, which goes into their shard names, and leave temp files
+    alone (another writer may be filling one)."""
+
+    def __init__(self, path: Path, writer: str | None = None) -> None:
+        if writer is not None and not re.fullmatch(r"[0-9a-f]{8}", writer):
+            raise ValueError(f"a writer tag is 8 lowercase hex digits, got {writer!r}")
         self.path = Path(path)
         self.shards = self.path / "shards"
+        self.writer = writer
         self._lock = threading.Lock()  # commits may come from a writer thread; shard numbers stay unique
-        self._remove_temp_files()
-        self._next = max((n for n, _ in self._shard_paths()), default=-1) + 1
+        if writer is None:
+            self._remove_temp_files()
+        mine = (n for n, tag, _ in self._shard_paths() if tag == writer)
+        self._next = max(mine, default=-1) + 1
 
     def ensure_writable(self, output: Path) -> None:
         """Create the run directory and check it and the output's directory accept files; fail fast."""
@@ -112,14 +123,15 @@ class RunDir:
             raise ValueError("a shard needs a row_index column; build it with result_table()")
         with self._lock:
             number, self._next = self._next, self._next + 1
-        path = self.shards / f"shard-{number:06d}.parquet"
+        tag = "" if self.writer is None else f"{self.writer}-"
+        path = self.shards / f"shard-{tag}{number:06d}.parquet"
         _write_atomic(table, path, what="a result shard")
         return path
 
     def committed_row_indices(self) -> np.ndarray:
         """int64 [rows committed so far], in shard order; reads only the row_index column."""
         parts = [
-            self._read(path, ["row_index"]).column("row_index").to_numpy() for _, path in self._shard_paths()
+            self._read(path, ["row_index"]).column("row_index").to_numpy() for *_, path in self._shard_paths()
         ]
         return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, dtype=np.int64)
 
@@ -127,7 +139,7 @@ class RunDir:
         """Write every committed row, in input order, to `output` atomically. An empty input needs one
         empty shard (a zero-row result_table) so the output's schema is known."""
         output = Path(output)
-        shards = [self._read(path) for _, path in self._shard_paths()]
+        shards = [self._read(path) for *_, path in self._shard_paths()]
         if not shards:
             raise RuntimeError(f"no committed shards in {self.shards}; nothing to assemble into {output}")
         try:
@@ -140,11 +152,12 @@ class RunDir:
         _write_atomic(table, output, what="the output")
         logger.info("wrote %d rows to %s", table.num_rows, output)
 
-    def _shard_paths(self) -> list[tuple[int, Path]]:
+    def _shard_paths(self) -> list[tuple[int, str | None, Path]]:
+        """(number, writer tag, path) of every committed shard, whoever wrote it."""
         if not self.shards.is_dir():
             return []
         found = ((_SHARD_NAME.fullmatch(p.name), p) for p in self.shards.iterdir())
-        return sorted((int(m.group(1)), p) for m, p in found if m)
+        return sorted(((int(m.group(2)), m.group(1), p) for m, p in found if m), key=lambda t: t[::2])
 
     def _remove_temp_files(self) -> None:
         if not self.shards.is_dir():

@@ -1,0 +1,266 @@
+"""The driver side of a Ray run: engine workers (actors), units handed out biggest first, faults.
+
+Every worker keeps ``IN_FLIGHT`` units queued so it never idles between units; further units go to
+whichever worker frees a slot first, so a slow worker just gets fewer units. A worker that dies has
+its unfinished units handed to the others, less the rows it already committed; when every worker has
+died a fresh set starts, at most ``MAX_RESTARTS`` times. Workers write their own shards, so the run
+directory must be shared storage on a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batchllm.config import JobSpec
+from batchllm.errors import JobError
+from batchllm.interrupt import Interrupted
+from batchllm.io.metrics import MetricsLog
+from batchllm.io.writer import RunDir
+from batchllm.results import UnitStats
+
+from .progress import WorkerProgress
+from .units import WorkUnit
+from .worker import EngineWorker, UnitCalls
+
+log = logging.getLogger("batchllm")
+
+IN_FLIGHT = 2  # units queued on a worker: the next starts the moment one ends
+MAX_RESTARTS = 2  # fresh sets of workers after all have died
+MAX_UNIT_ATTEMPTS = 4  # a unit that kills every worker it meets fails the job
+START_TIMEOUT_S = 900.0  # workers waiting for resources the cluster lacks
+WAIT_S = 0.2  # how often the driver looks at the stop request
+# Tests: "<worker>:<point>:<n>" gives the first worker number <worker> (or every first worker, for "*")
+# BATCHLLM_CRASH_AT=<point>:<n>; workers started later never crash.
+WORKER_CRASH_ENV = "BATCHLLM_WORKER_CRASH_AT"
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise JobError('--workers > 1 and --ray-address need Ray: pip install "batchllm[ray]"') from exc
+    return ray
+
+
+@dataclass
+class _Worker:
+    name: str
+    actor: object
+    inflight: int = 0
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class _Shape:
+    count: int
+    gpus: int  # per worker: 1 on GPUs, 0 on CPUs
+    threads: int | None  # torch threads per CPU worker
+
+
+class RayExecutor:
+    def __init__(
+        self, job: JobSpec, run_dir: RunDir, metrics: MetricsLog, progress: WorkerProgress, owner: str
+    ) -> None:
+        self.ray = import_ray()
+        self.job, self.run_dir, self.metrics, self.progress = job, run_dir, metrics, progress
+        self.owner = owner  # this attempt's claim on the run directory (see fence.py)
+        self.retries = 0
+        self._restarts = 0
+        self._names = 0
+        self._last_death = ""
+        self._pool: list[_Worker] = []
+        self._started_ray = self._init_ray()
+        try:
+            self.shape = self._shape()
+            self.workers = self.shape.count
+            self.device, self.dtype = self._start(first=True)
+        except BaseException:
+            self.close()
+            raise
+        log.info("%d Ray worker(s) on %s", self.workers, self.device)
+
+    def run(self, units: list[WorkUnit], calls: UnitCalls, on_done: Callable[[UnitStats], None]) -> None:
+        ray = self.ray
+        queue = deque(sorted(units, key=lambda u: -u.work))
+        inflight: dict = {}  # ObjectRef -> (worker, unit)
+        attempts: Counter[str] = Counter()
+        stopping = False
+        while queue or inflight:
+            if not stopping and calls.should_stop():
+                stopping = True
+                queue.clear()
+                for w in self._live():
+                    w.actor.stop.remote()
+            if queue:
+                self._hand_out(queue, inflight)
+            if not inflight:
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_S)
+            for ref in ready:
+                worker, unit = inflight.pop(ref)
+                worker.inflight -= 1
+                stats = self._result(ref, worker, unit, stopping)
+                if stats is not None:
+                    on_done(stats)
+                    self.progress.unit_done(stats)
+                    calls.on_commit(stats.rows, stats.output_tokens)
+                elif not stopping and worker.alive is False:
+                    self._retry(worker, unit, attempts, queue)
+        if stopping:
+            raise Interrupted
+
+    def close(self) -> None:
+        for w in self._pool:
+            try:
+                self.ray.kill(w.actor)
+            except Exception:  # already gone
+                pass
+        self._pool = []
+        if self._started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+            self._started_ray = False
+
+    def _result(self, ref, worker: _Worker, unit: WorkUnit, stopping: bool) -> UnitStats | None:
+        """The unit's stats; None when its worker died (marked) or it stopped on request."""
+        exc = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except exc.RayActorError as e:
+            if worker.alive:
+                self._last_death = _first_line(e)
+                log.warning("worker %s died: %s", worker.name, self._last_death)
+            worker.alive = False
+            return None
+        except exc.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Interrupted) and stopping:
+                return None
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise RuntimeError(f"worker {worker.name} failed on unit {unit.unit_id}: {_first_line(e)}") from e
+
+    def _retry(self, worker: _Worker, unit: WorkUnit, attempts: Counter[str], queue: deque) -> None:
+        """Hand a dead worker's unit to the others, less the rows it committed before it died."""
+        attempts[unit.unit_id] += 1
+        if attempts[unit.unit_id] >= MAX_UNIT_ATTEMPTS:
+            raise JobError(
+                f"unit {unit.unit_id} ({len(unit)} rows) lost its worker {attempts[unit.unit_id]} times "
+                f"({self._last_death}); committed rows are kept: run the same command again to resume"
+            )
+        rest = unit.without(self.run_dir.committed_row_indices())
+        self.retries += 1
+        left = 0 if rest is None else len(rest)
+        self.metrics.append("retry", unit=unit.unit_id, worker=worker.name, rows_left=left)
+        if rest is not None:
+            queue.appendleft(rest)
+
+    def _hand_out(self, queue: deque, inflight: dict) -> None:
+        live = self._live()
+        if not live:
+            if self._restarts >= MAX_RESTARTS:
+                raise JobError(
+                    f"all {self.workers} workers died {self._restarts + 1} times (last: {self._last_death}); "
+                    "committed rows are kept: run the same command again to resume"
+                )
+            self._restarts += 1
+            log.warning("every worker died; starting %d new ones", self.workers)
+            self._start(first=False)
+            live = self._pool
+        while queue:
+            worker = min(live, key=lambda w: w.inflight)
+            if worker.inflight >= IN_FLIGHT:
+                return
+            unit = queue.popleft()
+            inflight[worker.actor.run.remote(unit)] = (worker, unit)
+            worker.inflight += 1
+
+    def _live(self) -> list[_Worker]:
+        return [w for w in self._pool if w.alive]
+
+    def _init_ray(self) -> bool:
+        """Start a local Ray runtime, or join ``ray_address``; False when one is running already."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        term = signal.getsignal(signal.SIGTERM)
+        kwargs = (
+            {"address": self.job.ray_address} if self.job.ray_address else {"num_cpus": self._local_cpus()}
+        )
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise JobError(f"cannot start or join Ray ({self.job.ray_address or 'local'}): {e}") from e
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, term)  # ray.init replaces it; SIGTERM must stop the run cleanly
+        return True
+
+    def _local_cpus(self) -> int:
+        return max(os.cpu_count() or 1, self.job.workers or 1)
+
+    def _shape(self) -> _Shape:
+        job = self.job
+        resources = self.ray.cluster_resources()
+        gpus = 0 if job.engine.device == "cpu" else int(resources.get("GPU", 0))
+        if job.engine.device == "cuda" and not gpus:
+            raise JobError("--device cuda was asked for but the Ray cluster has no GPUs")
+        if gpus:
+            if job.workers and job.workers > gpus:
+                log.warning("--workers %d but only %d GPUs: running %d workers", job.workers, gpus, gpus)
+            return _Shape(min(job.workers or gpus, gpus), 1, None)
+        if job.workers is None:
+            raise JobError(
+                f"the Ray cluster at {job.ray_address} has no GPUs; give --workers N for N CPU workers"
+            )
+        cpus = int(resources.get("CPU", 1))
+        largest = max((int(n["Resources"].get("CPU", 1)) for n in self.ray.nodes() if n["Alive"]), default=1)
+        # Threads split the cores between the workers; a worker must fit on one node.
+        return _Shape(job.workers, 0, max(1, min(cpus // job.workers, largest)))
+
+    def _start(self, first: bool) -> tuple[str, str]:
+        """A fresh set of workers, in ``self._pool`` (so close() ends them); their (device, dtype)."""
+        ray, shape = self.ray, self.shape
+        remote = ray.remote(EngineWorker)
+        self._pool = pool = []
+        for i in range(shape.count):
+            name, self._names = f"w{self._names}", self._names + 1
+            env = {"BATCHLLM_CRASH_AT": _crash_spec(i) if first else ""}
+            actor = remote.options(
+                num_cpus=shape.threads or 1,
+                num_gpus=shape.gpus,
+                max_concurrency=IN_FLIGHT + 1,  # run() takes a lock, so stop() can still get in
+                runtime_env={"env_vars": env},
+            ).remote(self.job, name, shape.threads, self.owner)
+            pool.append(_Worker(name, actor))
+        try:
+            placed = ray.get([w.actor.ready.remote() for w in pool], timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as e:
+            raise JobError(
+                f"{shape.count} workers did not start within {START_TIMEOUT_S:.0f} s; does the cluster have "
+                f"{shape.count * (shape.gpus or shape.threads or 1)} free {'GPUs' if shape.gpus else 'CPUs'}?"
+            ) from e
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            raise JobError(f"a worker could not start: {_start_error(e)}") from e
+        return placed[0]
+
+
+def _crash_spec(index: int) -> str:
+    worker, _, spec = os.environ.get(WORKER_CRASH_ENV, "").partition(":")
+    return spec if worker in (str(index), "*") else ""
+
+
+def _start_error(e: BaseException) -> str:
+    """The exception line of a worker's failed start, not Ray's preamble; a JobError's message alone."""
+    lines = [line.strip() for line in str(getattr(e, "error_msg", "") or e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.removeprefix(f"{JobError.__module__}.{JobError.__name__}: ")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,239 @@
+"""A window's plan cut into work units: each runs on one engine, with every prefix its rows share.
+
+A unit is a contiguous run of the plan's row order (its representative rows, with their duplicates)
+plus every chosen prefix on their paths from the root. The cut works top-down: the root is cut into
+its child groups and batches of the rows attached to it, packed in plan order into pieces of at most
+``target`` work (~1/(4 * workers) of the window). A group holding at most ``2 * target`` stays whole,
+in one piece. A bigger one is cut the same way one level down; that repeats the group's prefix in
+every piece (each prefills it once), so its pieces are made big enough that the repeated prefill
+stays under ``MAX_REPEAT`` of the group's work. So with one system prompt shared by every row, the
+groups beneath it, a few to a unit, become the units.
+
+Predicted work = planned prefill tokens (repeated prefixes included) + representatives * max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from batchllm.prefix_tree.plan import Plan
+from batchllm.results import RowBlock
+from batchllm.scheduler.sequence import SeqKind, Sequence
+
+UNITS_PER_WORKER = 4  # enough pieces that handing out the biggest first balances the workers
+MAX_REPEAT = 0.25  # most repeated prefix tokens a cut may add, as a fraction of the group's work
+
+
+@dataclass(frozen=True, eq=False)
+class WorkUnit:
+    """Rows that run together on one engine; indices below are unit-local (row 0 .. len - 1)."""
+
+    unit_id: str
+    rows: RowBlock  # [rows] representatives and their duplicates
+    token_ids: list[np.ndarray]  # [rows] each row's prompt
+    keys: list[int]  # [rows] each row's sampling key
+    rep: np.ndarray  # int64 [rows]: the row whose output this row copies (itself when unique)
+    order: np.ndarray  # int64 [reps]: representative rows in execution order (depth first)
+    row_node: np.ndarray  # int64 [rows]: the deepest shared prefix each row starts from (0: none)
+    node_parent: np.ndarray  # int64 [nodes]: -1 at the root (node 0); parents come first
+    node_tokens: list[np.ndarray]  # [nodes] each prefix's tokens, from the start of the prompt
+    work: int  # predicted, see the module docstring
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.node_tokens) - 1
+
+    @property
+    def depth(self) -> int:
+        level = np.zeros(len(self.node_parent), dtype=np.int64)
+        for n in range(1, len(level)):  # parents come first
+            level[n] = level[self.node_parent[n]] + 1
+        return int(level.max())
+
+    def duplicates(self) -> dict[int, list[int]]:
+        """Representative -> the rows that copy its output."""
+        dups: dict[int, list[int]] = {}
+        for row in np.flatnonzero(self.rep != np.arange(len(self.rep))).tolist():
+            dups.setdefault(int(self.rep[row]), []).append(row)
+        return dups
+
+    def without(self, committed: np.ndarray) -> WorkUnit | None:
+        """The unit less the rows whose input row index is in ``committed``; None when nothing is left.
+
+        A committed representative with uncommitted duplicates hands its place to the first of them."""
+        keep = ~np.isin(self.rows.row_index, committed)
+        if keep.all():
+            return self
+        if not keep.any():
+            return None
+        kept = np.flatnonzero(keep)
+        heir = {}  # old representative -> first kept row copying it
+        for row in kept.tolist():
+            heir.setdefault(int(self.rep[row]), row)
+        new_index = np.full(len(self), -1, dtype=np.int64)
+        new_index[kept] = np.arange(kept.size)
+        order = [new_index[heir[r]] for r in self.order.tolist() if r in heir]
+        rep = new_index[[heir[int(r)] for r in self.rep[kept].tolist()]]
+        return replace(
+            self,
+            rows=self.rows.take(kept),
+            token_ids=[self.token_ids[i] for i in kept.tolist()],
+            keys=[self.keys[i] for i in kept.tolist()],
+            rep=rep,
+            order=np.asarray(order, dtype=np.int64),
+            row_node=self.row_node[kept],
+            work=max(1, self.work * len(order) // max(1, len(self.order))),
+        )
+
+
+def unit_sequences(unit: WorkUnit) -> Iterator[Sequence]:
+    """Engine work in execution order: each shared prefix just before the first row beneath it.
+
+    A row's ``seq_id`` is its unit-local index, a prefix's its unit node id."""
+    pending = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
+    for n in range(len(pending) - 1, 0, -1):  # children come after their parents
+        pending[unit.node_parent[n]] += pending[n]
+    nodes: dict[int, Sequence] = {}
+
+    def node_seq(node_id: int) -> Iterator[Sequence]:
+        if node_id == 0 or node_id in nodes:
+            return
+        parent = int(unit.node_parent[node_id])
+        yield from node_seq(parent)
+        tokens = unit.node_tokens[node_id].tolist()
+        seq = Sequence(node_id, SeqKind.PREFIX, tokens, len(tokens), parent=nodes.get(parent))
+        seq.pending_rows = int(pending[node_id])
+        nodes[node_id] = seq
+        yield seq
+
+    for row in unit.order.tolist():
+        node_id = int(unit.row_node[row])
+        yield from node_seq(node_id)
+        tokens = unit.token_ids[row].tolist()
+        yield Sequence(
+            row, SeqKind.ROW, tokens, len(tokens), parent=nodes.get(node_id), sample_key=unit.keys[row]
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedRows:
+    """What the cut needs besides the plan: the planned rows (index i = the plan's row i)."""
+
+    rows: RowBlock
+    token_ids: list[np.ndarray]
+    keys: list[int]
+    max_new_tokens: int
+
+
+def split_plan(plan: Plan, planned: PlannedRows, workers: int, prefix: str = "u") -> list[WorkUnit]:
+    """The plan as work units: the whole plan for one worker, else cut as the module docstring says."""
+    n = len(plan.row_order)
+    if n == 0:
+        return []
+    if workers <= 1:
+        return [_unit(plan, planned, f"{prefix}0", 0, n)]
+    cut = _Cut(plan, planned.max_new_tokens)
+    cut.target = max(1, cut.total // (UNITS_PER_WORKER * workers))
+    return [_unit(plan, planned, f"{prefix}{i}", s, e) for i, (s, e, _) in enumerate(cut.pieces(0))]
+
+
+class _Cut:
+    """Per-node sums over the plan, and the recursive cut (pieces are [start, end) of row_order)."""
+
+    def __init__(self, plan: Plan, max_new: int) -> None:
+        self.plan = plan
+        length, parent = plan.node_length, plan.node_parent
+        self.edge = length - length[np.maximum(parent, 0)]
+        pos_node = plan.row_node[plan.row_order]
+        self.row_work = plan.seqs.lengths[plan.row_order] - length[pos_node] + max_new
+        # below[v]: the work beneath v's own prefix: its rows, and its descendants' edges
+        self.below = np.bincount(pos_node, weights=self.row_work, minlength=plan.num_nodes).astype(np.int64)
+        self.first = np.full(plan.num_nodes, len(pos_node), dtype=np.int64)
+        np.minimum.at(self.first, pos_node, np.arange(len(pos_node)))
+        self.children: list[list[int]] = [[] for _ in range(plan.num_nodes)]
+        for v in range(plan.num_nodes - 1, 0, -1):  # preorder: children after parents
+            p = int(parent[v])
+            self.below[p] += self.below[v] + self.edge[v]
+            self.first[p] = min(self.first[p], self.first[v])
+            self.children[p].append(v)
+        counts = np.bincount(pos_node, minlength=plan.num_nodes)
+        self.direct = np.split(np.argsort(pos_node, kind="stable"), np.cumsum(counts)[:-1])
+        self.total = int(self.below[0])
+        self.target = self.total
+
+    def pieces(self, v: int) -> list[tuple[int, int, int]]:
+        """(start, end, work beneath v's prefix) per piece of v's subtree."""
+        plan, lv = self.plan, int(self.plan.node_length[v])
+        whole = [(int(self.first[v]), int(self.first[v] + plan.node_num_rows[v]), int(self.below[v]))]
+        if v != 0 and lv + self.below[v] <= 2 * self.target:
+            return whole
+        items = [(p, p + 1, int(self.row_work[p])) for p in self.direct[v].tolist()]
+        for c in self.children[v]:
+            items += [(s, e, w + int(self.edge[c])) for s, e, w in self.pieces(c)]
+        items.sort()
+        if v == 0:
+            return _pack(items, self.target)
+        # Every piece prefills v's prefix again: pieces grow until that repeat is small enough.
+        most = 1 + int(MAX_REPEAT * (lv + self.below[v]) // lv)
+        budget = max(1, self.target - lv)
+        packed = _pack(items, budget)
+        while len(packed) > most:
+            budget = budget * 5 // 4 + 1
+            packed = _pack(items, budget)
+        return packed if len(packed) > 1 else whole
+
+
+def _pack(items: list[tuple[int, int, int]], budget: int) -> list[tuple[int, int, int]]:
+    """Neighbouring items (consecutive ranges) joined while their work fits ``budget``."""
+    out: list[tuple[int, int, int]] = []
+    for s, e, w in items:
+        if out and out[-1][2] + w <= budget:
+            out[-1] = (out[-1][0], e, out[-1][2] + w)
+        else:
+            out.append((s, e, w))
+    return out
+
+
+def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) -> WorkUnit:
+    reps = plan.row_order[start:end]
+    dup_of = plan.duplicate_of
+    dups = np.flatnonzero(np.isin(dup_of, reps) & (dup_of != np.arange(dup_of.size)))
+    members = np.concatenate([reps, dups])
+    nodes = _with_ancestors(plan, np.unique(plan.row_node[reps]))
+    rep_local = np.full(dup_of.size, -1, dtype=np.int64)
+    rep_local[reps] = np.arange(reps.size)
+    parents = plan.node_parent[nodes]
+    lengths = plan.node_length[nodes]
+    src = plan.node_source_row[nodes]
+    work = int((lengths - np.where(parents >= 0, plan.node_length[np.maximum(parents, 0)], 0)).sum())
+    row_node = plan.row_node[members]
+    work += int((plan.seqs.lengths[reps] - plan.node_length[plan.row_node[reps]]).sum())
+    return WorkUnit(
+        unit_id=unit_id,
+        rows=planned.rows.take(members),
+        token_ids=[planned.token_ids[i] for i in members.tolist()],
+        keys=[planned.keys[i] for i in members.tolist()],
+        rep=rep_local[dup_of[members]],
+        order=np.arange(reps.size, dtype=np.int64),
+        row_node=np.searchsorted(nodes, row_node),
+        node_parent=np.where(parents >= 0, np.searchsorted(nodes, np.maximum(parents, 0)), -1),
+        node_tokens=[planned.token_ids[s][:n] for s, n in zip(src.tolist(), lengths.tolist())],
+        work=work + reps.size * planned.max_new_tokens,
+    )
+
+
+def _with_ancestors(plan: Plan, nodes: np.ndarray) -> np.ndarray:
+    """Sorted node ids: ``nodes``, every ancestor of them, and the root."""
+    found = [np.zeros(1, dtype=np.int64), nodes]
+    current = nodes
+    while current.size:
+        current = np.unique(plan.node_parent[current])
+        current = current[current > 0]
+        found.append(current)
+    return np.unique(np.concatenate(found))
