@@ -264,11 +264,27 @@ class JobRunner:
             preemptions=out.preemptions,
             peak_kv_blocks=out.peak_kv_blocks,
             kv_blocks=out.kv_blocks,
-            groups=sum(s.groups for s in out.plan_stats),
+            **_group_stats(out.plan_stats),
             kv_samples=e.kv_samples[-2000:],
             workers=out.per_worker,
             worker_retries=out.worker_retries,
         )
+
+
+def _group_stats(stats: list[PlanStats]) -> dict:
+    """The windows' group statistics combined (means weighted by groups / rows)."""
+    groups = sum(s.groups for s in stats)
+    reps = sum(s.rows - s.duplicate_rows for s in stats)
+    return {
+        "groups": groups,
+        "avg_sharing_degree": sum(s.avg_sharing_degree * s.groups for s in stats) / groups if groups else 0.0,
+        "avg_prefix_tokens": sum(s.avg_prefix_tokens * s.groups for s in stats) / groups if groups else 0.0,
+        "avg_distinct_tokens": sum(s.avg_distinct_tokens * (s.rows - s.duplicate_rows) for s in stats) / reps
+        if reps
+        else 0.0,
+        "duplicate_rows": sum(s.duplicate_rows for s in stats),
+        "max_tree_depth": max((s.max_tree_depth for s in stats), default=0),
+    }
 
 
 def _empty_result(source) -> pa.Table:

@@ -19,6 +19,8 @@ from batchllm.errors import JobError
 from batchllm.io.manifest import MANIFEST
 from batchllm.io.metrics import MetricsLog
 
+GROUP_KEYS = ("groups", "avg_sharing_degree", "avg_prefix_tokens", "avg_distinct_tokens")
+GROUP_KEYS += ("duplicate_rows", "max_tree_depth")
 SHARD_COLUMNS = ["finish_reason", "prompt_tokens", "output_tokens", "cached_tokens"]
 
 
@@ -48,7 +50,7 @@ def collect(run_dir: Path) -> dict:
         "cached_tokens": _sum(shards, "cached_tokens"),
         "output_tokens": output,
         "saving_ratio": 1 - computed / prompt if prompt else 0.0,
-        "groups": last.get("groups", 0),
+        **{key: last.get(key, 0) for key in GROUP_KEYS},
         "wall_seconds": wall,
         "phase_seconds": _phases(attempts),
         "requests_per_second": _rate(rows_done, wall),

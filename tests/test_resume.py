@@ -162,7 +162,14 @@ def test_plan_json_equals_what_the_run_reports(job):
     report = json.loads(
         CliRunner().invoke(app, ["report", str(root / "reference.parquet.run"), "--json"]).output
     )
-    for key in ("rows", "prompt_tokens", "unique_prompt_tokens", "groups"):
+    for key in (
+        "rows",
+        "prompt_tokens",
+        "unique_prompt_tokens",
+        "groups",
+        "duplicate_rows",
+        "max_tree_depth",
+    ):
         assert plan[key] == report[key], key
     assert plan["prefill_tokens_planned"] == report["prefill_tokens_computed"]
     assert plan["prefill_flops_with_sharing"] < plan["prefill_flops_without_sharing"]
