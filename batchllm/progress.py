@@ -17,6 +17,7 @@ class RowProgress:
         self.done = 0
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose KV was reused (shared prefixes, duplicates)
         self.start = time.perf_counter()
         self.enabled = enabled
         self._log_every = log_every_s
@@ -34,10 +35,11 @@ class RowProgress:
             self._task = self._bar.add_task("rows", total=total_rows, rate="")
             self._bar.start()
 
-    def advance(self, rows: int, prompt_tokens: int, output_tokens: int) -> None:
+    def advance(self, rows: int, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> None:
         self.done += rows
         self.prompt_tokens += prompt_tokens
         self.output_tokens += output_tokens
+        self.cached_tokens += cached_tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         if self._bar is not None:
             rate = (
@@ -55,8 +57,12 @@ class RowProgress:
         return (
             f"rows {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
             f"  in {self.prompt_tokens / elapsed:,.0f} tok/s  out {self.output_tokens / elapsed:,.0f} tok/s"
-            f"  eta {eta:,.0f}s"
+            f"  prefix reuse {self.reuse():.0%}  eta {eta:,.0f}s"
         )
+
+    def reuse(self) -> float:
+        """Share of the finished rows' prompt tokens that were not computed for that row."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def close(self) -> None:
         if self._bar is not None:

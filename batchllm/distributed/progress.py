@@ -23,10 +23,10 @@ class WorkerProgress(RowProgress):
             out + stats.output_tokens,
             seconds + stats.seconds,
         )
-        self.advance(stats.rows, stats.prompt_tokens, stats.output_tokens)
+        self.advance(stats.rows, stats.prompt_tokens, stats.output_tokens, stats.cached_tokens)
 
-    def advance(self, rows: int, prompt_tokens: int, output_tokens: int) -> None:
-        super().advance(rows, prompt_tokens, output_tokens)
+    def advance(self, rows: int, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> None:
+        super().advance(rows, prompt_tokens, output_tokens, cached_tokens)
         if self._bar is not None and self.per_worker:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             rate = f"out {self.output_tokens / elapsed:,.0f} tok/s  {self.workers_text()}"

@@ -43,7 +43,8 @@ class UnitCalls:
     """How a running unit talks to whoever runs it."""
 
     should_stop: Callable[[], bool] = lambda: False
-    on_rows: Callable[[int, int, int], None] = lambda rows, prompt_tokens, output_tokens: None
+    # rows finished: (rows, prompt tokens, output tokens, prompt tokens whose KV was reused)
+    on_rows: Callable[[int, int, int, int], None] = lambda rows, prompt, output, cached: None
     on_commit: Callable[[int, int], None] = lambda rows, output_tokens: None  # after each shard
     may_commit: Callable[[], bool] = lambda: True  # before each shard
 
@@ -88,7 +89,9 @@ class UnitRunner:
             for dup in dups.get(seq.seq_id, ()):
                 results.finish(dup, text, n_out, int(prompt_tokens[dup]), reason)
             results.maybe_commit()
-            calls.on_rows(1 + len(dups.get(seq.seq_id, ())), seq.prompt_len, n_out)
+            copies = len(dups.get(seq.seq_id, ()))
+            n, cached = 1 + copies, seq.cached_tokens + copies * seq.prompt_len
+            calls.on_rows(n, n * seq.prompt_len, n * n_out, cached)
             crash_point("row")
 
         try:
