@@ -36,6 +36,7 @@ class Engine:
         self.scheduler = scheduler
         self.runner = runner
         self.stopper = stopper
+        self.stats = EngineStats()  # grows during run(), so commits can report live figures
 
     def run(
         self,
@@ -49,7 +50,7 @@ class Engine:
         sched = self.scheduler
         for seq in work:
             sched.add(seq)
-        stats = EngineStats()
+        stats = self.stats
         while sched.has_work():
             if should_stop():
                 raise Interrupted

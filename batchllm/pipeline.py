@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchllm.config import JobSpec
 from batchllm.distributed.fence import claim
@@ -235,7 +236,7 @@ class JobRunner:
             seconds=stats.seconds,
         )
 
-    def _commit(self, rows: int, output_tokens: int) -> None:
+    def _commit(self, rows: int, output_tokens: int, unit_prefill: int = 0) -> None:
         """After each shard (or each finished unit, from Ray workers): one metrics record, so a report
         can follow a run in progress."""
         e = self.out.engine
@@ -243,7 +244,7 @@ class JobRunner:
             "commit",
             rows=rows,
             output_tokens=output_tokens,
-            prefill_tokens_computed=e.prefill_tokens,
+            prefill_tokens_computed=e.prefill_tokens + unit_prefill,
             elapsed=time.perf_counter() - self.t0,
             kv_blocks_used=e.kv_samples[-1][1] if e.kv_samples else 0,
         )
@@ -288,9 +289,14 @@ def _group_stats(stats: list[PlanStats]) -> dict:
 
 
 def _empty_result(source) -> pa.Table:
-    """A zero-row shard, so that an empty input still assembles an output with the right columns."""
-    batch = next(source.iter_batches(rows_per_batch=1), None)
-    ids = batch.ids if batch is not None else pa.array([], pa.int64())
-    keep = batch.keep if batch is not None else None
+    """A zero-row shard, so that an empty input still assembles an output with the right columns
+    and types (an empty JSONL file is refused when opened, so only Parquet gets here)."""
+    schema = pq.read_schema(source.path) if source.path.suffix == ".parquet" else pa.schema([])
+    typed = {f.name: f.type for f in schema}
+    id_type = typed.get(source.id_column, pa.int64()) if source.id_column else pa.int64()
+    keep_schema = pa.schema([(c, typed.get(c, pa.null())) for c in source.keep_columns])
+    keep = keep_schema.empty_table() if source.keep_columns else None
     no_ints = np.empty(0, np.int32)
-    return result_table(np.empty(0, np.int64), ids, keep, [], no_ints, no_ints, no_ints, [], [])
+    return result_table(
+        np.empty(0, np.int64), pa.array([], id_type), keep, [], no_ints, no_ints, no_ints, [], []
+    )

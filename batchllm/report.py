@@ -49,7 +49,11 @@ def collect(run_dir: Path) -> dict:
         "prefill_tokens_computed": computed,
         "cached_tokens": _sum(shards, "cached_tokens"),
         "output_tokens": output,
-        "saving_ratio": 1 - computed / prompt if prompt else 0.0,
+        # Only a finished run's ratio means anything: a run in progress has computed prefill for rows
+        # it has not committed yet.
+        "saving_ratio": (1 - computed / prompt if prompt else 0.0)
+        if rows_done == manifest["input"]["rows"]
+        else None,
         **{key: last.get(key, 0) for key in GROUP_KEYS},
         "wall_seconds": wall,
         "phase_seconds": _phases(attempts),
@@ -142,7 +146,7 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ),
         ("prompt tokens (unique)", f"{report['prompt_tokens']:,} ({report['unique_prompt_tokens']:,})"),
         ("prefill tokens computed", f"{report['prefill_tokens_computed']:,}"),
-        ("prefix saving", f"{100 * report['saving_ratio']:.1f}%"),
+        ("prefix saving", "-" if report["saving_ratio"] is None else f"{100 * report['saving_ratio']:.1f}%"),
         ("output tokens", f"{report['output_tokens']:,}"),
         ("wall time", f"{report['wall_seconds']:.2f} s over {report['attempts']} attempt(s)"),
         ("phases", "  ".join(f"{k} {v:.1f}s" for k, v in report["phase_seconds"].items())),

@@ -79,10 +79,10 @@ def test_scheduler_frees_everything(seed: int, num_blocks: int):
     block_size = 4
     work, rows = _work(rng, block_size, nested=seed % 2 == 0)
     pool = BlockPool(num_blocks)
-    sched = Scheduler(pool, block_size, token_budget=rng.choice([3, 16, 64]), max_running=8)
+    sched = Scheduler(pool, block_size, token_budget=rng.choice([3, 16, 64]), max_running=8, max_new_tokens=12)
     for seq in work:
         sched.add(seq)
-    _drive(sched, rng, max_new=rng.randint(1, 12))
+    _drive(sched, rng, max_new=12)
     assert pool.num_free == num_blocks, "KV pool leaked blocks"
     assert not sched.live_prefixes
     assert all(r.finish_reason == "length" for r in rows)
@@ -93,7 +93,7 @@ def test_tiny_pool_forces_preemption():
     rng = random.Random(0)
     rows = [Sequence(i, SeqKind.ROW, [1] * 6, 6) for i in range(6)]
     pool = BlockPool(8)
-    sched = Scheduler(pool, block_size=4, token_budget=64, max_running=6)
+    sched = Scheduler(pool, block_size=4, token_budget=64, max_running=6, max_new_tokens=10)
     for r in rows:
         sched.add(r)
     _drive(sched, rng, max_new=10)
@@ -104,7 +104,7 @@ def test_tiny_pool_forces_preemption():
 
 def test_prefix_freed_when_its_last_row_finishes():
     pool = BlockPool(32)
-    sched = Scheduler(pool, block_size=4, token_budget=64, max_running=4)
+    sched = Scheduler(pool, block_size=4, token_budget=64, max_running=4, max_new_tokens=8)
     prefix = Sequence(0, SeqKind.PREFIX, [5] * 10, 10, pending_rows=2)
     a = Sequence(0, SeqKind.ROW, [5] * 10 + [1, 2], 12, prefix)
     b = Sequence(1, SeqKind.ROW, [5] * 10 + [3], 11, prefix)
@@ -124,3 +124,20 @@ def test_prefix_freed_when_its_last_row_finishes():
     assert prefix not in sched.live_prefixes
     assert pool.num_free == 32
     sched.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_smallest_allowed_pool_never_deadlocks(seed: int):
+    """The engine accepts a pool that holds the longest row plus one block per prefix level; idle
+    shared prefixes must never starve the rows ahead of them there."""
+    rng = random.Random(100 + seed)
+    block_size, max_new = rng.choice([1, 2, 4]), rng.randint(1, 20)
+    work, rows = _work(rng, block_size, nested=seed % 2 == 0)
+    longest = max(-(-(r.prompt_len + max_new) // block_size) for r in rows)
+    pool = BlockPool(longest + 2 + 1)
+    sched = Scheduler(pool, block_size, rng.choice([2, 7, 64]), rng.choice([1, 3, 16]), max_new_tokens=max_new)
+    for seq in work:
+        sched.add(seq)
+    _drive(sched, rng, max_new=max_new)
+    assert pool.num_free == pool.num_blocks
+    assert all(len(r.output_ids) == max_new for r in rows)

@@ -109,7 +109,7 @@ class RayExecutor:
                 if stats is not None:
                     on_done(stats)
                     self.progress.unit_done(stats)
-                    calls.on_commit(stats.rows, stats.output_tokens)
+                    calls.on_commit(stats.rows, stats.output_tokens, 0)  # on_done counted the unit
                 elif not stopping and worker.alive is False:
                     self._retry(worker, unit, attempts, queue)
         if stopping:

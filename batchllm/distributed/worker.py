@@ -45,7 +45,8 @@ class UnitCalls:
     should_stop: Callable[[], bool] = lambda: False
     # rows finished: (rows, prompt tokens, output tokens, prompt tokens whose KV was reused)
     on_rows: Callable[[int, int, int, int], None] = lambda rows, prompt, output, cached: None
-    on_commit: Callable[[int, int], None] = lambda rows, output_tokens: None  # after each shard
+    # after each shard: (rows, output tokens, prefill tokens computed so far in the running unit)
+    on_commit: Callable[[int, int, int], None] = lambda rows, output_tokens, unit_prefill: None
     may_commit: Callable[[], bool] = lambda: True  # before each shard
 
 
@@ -78,8 +79,12 @@ class UnitRunner:
         """Generate every row of ``unit``; finished rows are committed even when this raises."""
         t0, job = time.perf_counter(), self.job
         every = (job.checkpoint_rows, job.checkpoint_seconds)
-        results = UnitResults(unit.rows, self.run_dir, *every, calls.on_commit, calls.may_commit)
         engine, pool = self._engine(unit)
+
+        def committed(rows: int, output_tokens: int) -> None:
+            calls.on_commit(rows, output_tokens, engine.stats.prefill_tokens)
+
+        results = UnitResults(unit.rows, self.run_dir, *every, committed, calls.may_commit)
         dups = unit.duplicates()
         prompt_tokens = unit.rows.prompt_tokens
 
@@ -132,7 +137,7 @@ class UnitRunner:
             self.kv_caches = allocate_kv_caches(mcfg, num_blocks, ecfg.block_size, place.dtype, place.device)
             self.kv_blocks = num_blocks
         pool = BlockPool(num_blocks)
-        scheduler = Scheduler(pool, ecfg.block_size, ecfg.token_budget, ecfg.max_running)
+        scheduler = Scheduler(pool, ecfg.block_size, ecfg.token_budget, ecfg.max_running, max_new)
         runner = ModelRunner(self.model, self.kv_caches, self.backend, ecfg.block_size, self.job.sampling)
         return Engine(scheduler, runner, self.stopper), pool
 

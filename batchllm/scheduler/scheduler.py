@@ -6,6 +6,10 @@ plan order. A sequence under a shared prefix is admitted only once that prefix i
 borrows the prefix's full KV blocks and gets a private copy of the prefix's last, partial block, so it
 computes exactly the tokens after the prefix. When the pool runs dry, the newest running sequence is
 preempted: its blocks are released and it is recomputed later (its generated tokens are kept).
+
+A prefilled prefix cannot be preempted (its rows would all have to be), so a new shared prefix is
+admitted only when the pool, after it, still holds the worst-case growth of every running row
+(each up to ``max_new_tokens``): an idle prefix can then never starve the rows ahead of it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, token_budget: int, max_running: int) -> None:
+    def __init__(
+        self, pool: BlockPool, block_size: int, token_budget: int, max_running: int, max_new_tokens: int
+    ) -> None:
         self.pool = pool
+        self.max_new_tokens = max_new_tokens
         self.block_size = block_size
         self.token_budget = token_budget
         self.max_running = max_running
@@ -151,6 +158,10 @@ class Scheduler:
         parent = seq.parent
         borrowed = parent.block_table[: start // self.block_size] if parent is not None else []
         own = self._blocks_for(start + n) - len(borrowed)
+        if seq.kind is SeqKind.PREFIX:
+            whole = self._blocks_for(seq.num_tokens) - len(borrowed)
+            if self.pool.num_free - whole < self._running_growth():
+                return None
         blocks = self.pool.allocate(own)
         if blocks is None:
             return None
@@ -161,6 +172,14 @@ class Scheduler:
         if parent is not None and start % self.block_size:
             copies.append((parent.block_table[len(borrowed)], blocks[0]))
         return n
+
+    def _running_growth(self) -> int:
+        """Blocks the running sequences may still need: prefixes to their end, rows to max_new_tokens."""
+        return sum(
+            self._blocks_for(seq.prompt_len + (self.max_new_tokens if seq.is_row else 0))
+            - len(seq.block_table)
+            for seq in self.running
+        )
 
     def _release(self, seq: Sequence) -> None:
         self.pool.release(seq.block_table)
