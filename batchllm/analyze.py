@@ -10,7 +10,7 @@ from batchllm.io.reader import open_input
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import Plan, make_plan
-from batchllm.prefix_tree.tree import TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs
 from batchllm.workload import read_windows
 
 SUMMED = (

@@ -39,7 +39,7 @@ from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats, make_plan
-from batchllm.prefix_tree.tree import TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs
 from batchllm.progress import RowProgress
 from batchllm.results import RowBlock, UnitStats, error_table
 from batchllm.workload import Window, read_windows, row_keys

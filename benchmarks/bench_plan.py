@@ -94,7 +94,8 @@ def _fill(tokens, offsets, a, b, seg, sys_id, grp_id, text_id) -> None:
 
 def worker(data: Path, check: bool) -> dict[str, float | int | str]:
     from batchllm.prefix_tree.plan import plan_tree
-    from batchllm.prefix_tree.tree import PrefixTree, TokenSeqs
+    from batchllm.prefix_tree.seqs import TokenSeqs
+    from batchllm.prefix_tree.tree import PrefixTree
 
     seqs = TokenSeqs(np.load(data / "tokens.npy"), np.load(data / "offsets.npy"))
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from batchllm.cli import app
 from batchllm.distributed.units import PlannedRows, split_plan, unit_sequences
 from batchllm.prefix_tree.plan import make_plan
-from batchllm.prefix_tree.tree import TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs
 from batchllm.results import RowBlock
 from batchllm.scheduler.sequence import SeqKind
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm.prefix_tree.plan import DEFAULT_MIN_SAVING_TOKENS, make_plan, plan_tree
-from batchllm.prefix_tree.tree import PrefixTree, TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs
+from batchllm.prefix_tree.tree import PrefixTree
 
 Rows = list[list[int]]
 TOKEN = st.integers(0, 2)

@@ -79,7 +79,9 @@ def test_scheduler_frees_everything(seed: int, num_blocks: int):
     block_size = 4
     work, rows = _work(rng, block_size, nested=seed % 2 == 0)
     pool = BlockPool(num_blocks)
-    sched = Scheduler(pool, block_size, token_budget=rng.choice([3, 16, 64]), max_running=8, max_new_tokens=12)
+    sched = Scheduler(
+        pool, block_size, token_budget=rng.choice([3, 16, 64]), max_running=8, max_new_tokens=12
+    )
     for seq in work:
         sched.add(seq)
     _drive(sched, rng, max_new=12)
@@ -135,7 +137,9 @@ def test_smallest_allowed_pool_never_deadlocks(seed: int):
     work, rows = _work(rng, block_size, nested=seed % 2 == 0)
     longest = max(-(-(r.prompt_len + max_new) // block_size) for r in rows)
     pool = BlockPool(longest + 2 + 1)
-    sched = Scheduler(pool, block_size, rng.choice([2, 7, 64]), rng.choice([1, 3, 16]), max_new_tokens=max_new)
+    sched = Scheduler(
+        pool, block_size, rng.choice([2, 7, 64]), rng.choice([1, 3, 16]), max_new_tokens=max_new
+    )
     for seq in work:
         sched.add(seq)
     _drive(sched, rng, max_new=max_new)

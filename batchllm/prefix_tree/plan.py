@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from batchllm.prefix_tree.tree import PrefixTree, TokenSeqs, ragged_equal, require
+from batchllm.prefix_tree.seqs import TokenSeqs, ragged_equal, require
+from batchllm.prefix_tree.tree import PrefixTree
 
 DEFAULT_MIN_SAVING_TOKENS = 32
 ORDERS = ("dfs", "ratio")
