@@ -43,7 +43,6 @@ class Engine:
         work: Iterable[Sequence],
         on_finish: Callable[[Sequence], None],
         should_stop: Callable[[], bool] = lambda: False,
-        check: bool = False,
     ) -> EngineStats:
         """Runs every sequence of ``work`` (in execution order); calls ``on_finish`` for each row.
         Raises Interrupted between steps once ``should_stop()`` says so."""
@@ -65,8 +64,6 @@ class Engine:
                 if reason is not None:
                     sched.finish(seq, reason)
                     on_finish(seq)
-            if check:
-                sched.check_invariants()
             elapsed = time.perf_counter() - t0
             stats.steps += 1
             stats.prefill_tokens += plan.prefill_tokens
