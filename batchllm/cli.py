@@ -66,7 +66,9 @@ def run(
     attention_backend: Annotated[str, Opt(help="auto | torch | triton")] = "auto",
     prefix_sharing: Annotated[bool, Opt(help="Share KV of common prompt prefixes.")] = True,
     load_format: Annotated[str, Opt(help="auto | dummy (random weights from config.json)")] = "auto",
-    window: Annotated[int, Opt(help="Rows planned and run together (one prefix tree each).")] = 250_000,
+    window: Annotated[
+        int, Opt(help="Rows planned and run together (one prefix tree each); 0: sized to memory.")
+    ] = 0,
     checkpoint_rows: Annotated[int, Opt(help="Commit finished rows at least every N rows...")] = 10_000,
     checkpoint_seconds: Annotated[float, Opt(help="...and at least every S seconds.")] = 60.0,
     report: Annotated[Path | None, Opt(help="Write the run report as JSON here.")] = None,
@@ -170,7 +172,7 @@ def plan(
     chat: Annotated[bool, Opt()] = False,
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
     prefix_sharing: Annotated[bool, Opt()] = True,
-    window: Annotated[int, Opt()] = 250_000,
+    window: Annotated[int, Opt(help="As for run.")] = 0,
     json_out: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
     debug: Annotated[bool, Opt()] = False,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class JobSpec:
     report: Path | None = None
     progress: bool = True
     run_dir: Path | None = None  # None: <output>.run/ next to the output
-    window_rows: int = 250_000  # rows planned and run together (one prefix tree per window)
+    window_rows: int = 0  # rows planned and run together (one prefix tree each); 0: sized to memory
     checkpoint_rows: int = 10_000  # commit finished rows at least this often...
     checkpoint_seconds: float = 60.0  # ...and at least this often
     workers: int | None = None  # engine workers; None: 1, or every GPU of the Ray cluster at ray_address
@@ -91,8 +92,10 @@ class JobSpec:
             _check_choice("format", self.format, ("parquet", "jsonl"))
         if self.checkpoint_rows < 1 or self.checkpoint_seconds <= 0:
             raise ValueError("checkpoint-rows must be >= 1 and checkpoint-seconds > 0")
-        if self.window_rows < 1:
-            raise ValueError(f"window must be >= 1 rows, got {self.window_rows}")
+        if self.window_rows < 0:
+            raise ValueError(f"window must be >= 1 rows (or 0 to size it to memory), got {self.window_rows}")
+        if self.window_rows == 0:
+            object.__setattr__(self, "window_rows", default_window_rows())
         if self.run_dir is None:
             object.__setattr__(self, "run_dir", self.output.with_name(self.output.name + ".run"))
 
@@ -123,3 +126,16 @@ def parse_memory(text: str) -> float:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+BYTES_PER_WINDOW_ROW = 16 << 10  # text, token ids and plan of one ~1k-token row, with headroom
+
+
+def default_window_rows() -> int:
+    """Rows per window when none is given: a quarter of the memory available now, at 16 KiB a row,
+    between 10,000 and 1,000,000 rows."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        available = 4 << 30
+    return max(10_000, min(1_000_000, available // 4 // BYTES_PER_WINDOW_ROW))
