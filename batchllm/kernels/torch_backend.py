@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.reference import merge_states_ref
 
 # Elements of K gathered at once in the decode path; bounds its padded copy of the context.
 _DECODE_GATHER_ELEMENTS = 1 << 27
@@ -174,7 +175,7 @@ def cascade_decode_attention(
         scores = torch.einsum("nkgd,kld->nkgl", qg[lo:hi], keys) * scale
         p_lse = scores.logsumexp(-1)  # [n, kv_heads, group]
         p_out = torch.einsum("nkgl,kld->nkgd", (scores - p_lse[..., None]).exp(), values)
-        out[lo:hi], lse[lo:hi] = _merge(out[lo:hi], lse[lo:hi], p_out, p_lse)
+        out[lo:hi], lse[lo:hi] = merge_states_ref((out[lo:hi], lse[lo:hi]), (p_out, p_lse))
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
@@ -204,13 +205,4 @@ def _suffix_state(
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = scores.logsumexp(-1)
     out = torch.einsum("nkgl,nkld->nkgd", (scores - lse[..., None]).exp().nan_to_num(0.0), values)
-    return out, lse
-
-
-def _merge(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact combination of two attention states over disjoint key sets."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
     return out, lse
