@@ -177,7 +177,7 @@ def plan(
     debug: Annotated[bool, Opt()] = False,
 ) -> None:
     """What a job will cost: tokens, unique tokens, planned prefill, groups, FLOPs — without weights."""
-    from batchllm.analyze import plan_job
+    from batchllm.job.estimate import plan_job
 
     _logging(True)
     with _job_errors(debug):
@@ -220,8 +220,8 @@ def report_cmd(
     debug: Annotated[bool, Opt()] = False,
 ) -> None:
     """The throughput report of a run: finished, still running, or interrupted."""
-    from batchllm.report import collect, print_summary
-    from batchllm.report import plot as draw
+    from batchllm.job.report import collect, print_summary
+    from batchllm.job.report import plot as draw
 
     with _job_errors(debug):
         figures = collect(run_dir)
@@ -234,9 +234,9 @@ def report_cmd(
 
 
 def _run(job: JobSpec, quiet: bool, fresh: bool = False) -> int:
-    from batchllm.interrupt import Interrupted, StopRequest
-    from batchllm.pipeline import run as run_pipeline
-    from batchllm.report import collect, print_summary, write_json
+    from batchllm.job.interrupt import Interrupted, StopRequest
+    from batchllm.job.report import collect, print_summary, write_json
+    from batchllm.job.run import run as run_pipeline
 
     stop = StopRequest().install()
     try:
@@ -269,7 +269,7 @@ def demo(
     """Run the whole pipeline on a tiny random model and a generated reviews file, offline."""
     import tempfile
 
-    from batchllm.demo_data import write_demo_job
+    from batchllm.testing.demo import write_demo_job
 
     _logging(False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,9 +42,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
-import batchllm.pipeline
+import batchllm.job.run
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
-from batchllm.tiny import default_corpus, make_tiny_model, train_tokenizer
+from batchllm.testing.tiny import default_corpus, make_tiny_model, train_tokenizer
 
 GROUPS, ROWS_PER_GROUP, NEW_TOKENS = 8, 8, 32
 PREFIX_TOKENS, GROUP_TOKENS, ROW_TOKENS = 600, 50, 15
@@ -162,12 +162,12 @@ def run_batchllm(model_dir: Path, work: Workload, workdir: Path, sharing: bool, 
         progress=False,
     )
     load: list[Clock] = []
-    with _observed(batchllm.pipeline, "load_model", lambda _, took: load.append(took)):
+    with _observed(batchllm.job.run, "load_model", lambda _, took: load.append(took)):
         start = Clock.now()
-        outcome = batchllm.pipeline.run(job)
+        outcome = batchllm.job.run.run(job)
         took = Clock.now() - start
     if not load:  # the pipeline no longer loads through this name: the subtraction would be silently 0
-        raise RuntimeError("batchllm.pipeline.load_model was not called; update run_batchllm's load timing")
+        raise RuntimeError("batchllm.job.run.load_model was not called; update run_batchllm's load timing")
     for loading in load:
         took -= loading
     out = pq.read_table(job.output).to_pydict()

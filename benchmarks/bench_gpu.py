@@ -76,7 +76,7 @@ from transformers import (
 )
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-import batchllm.pipeline
+import batchllm.job.run
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
 from batchllm.model.config import ModelConfig, load_model_config
 
@@ -264,10 +264,10 @@ def _run_batchllm(
     job = JobSpec(input=src, model=str(model_dir), output=workdir / "out.parquet", id_column="id",
                   sampling=sampling, engine=engine, progress=False)  # fmt: skip
     load: list[float] = []
-    with _timed_attr(batchllm.pipeline, "load_model", load):
+    with _timed_attr(batchllm.job.run, "load_model", load):
         _sync()
         t0 = time.perf_counter()
-        o = batchllm.pipeline.run(job, fresh=True)
+        o = batchllm.job.run.run(job, fresh=True)
         seconds = time.perf_counter() - t0 - sum(load)
     extra = {"prefill_tokens_computed": o.engine.prefill_tokens, "preemptions": o.preemptions,
              "unique_prompt_tokens": o.unique_prompt_tokens, "phase_seconds": o.phases,

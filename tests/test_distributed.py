@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batchllm.cli import app
-from batchllm.distributed.units import PlannedRows, split_plan, unit_sequences
+from batchllm.job.results import RowBlock
+from batchllm.job.units import PlannedRows, split_plan, unit_sequences
 from batchllm.prefix_tree.plan import make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
-from batchllm.results import RowBlock
-from batchllm.scheduler.sequence import SeqKind
+from batchllm.scheduler.seq import SeqKind
 
 # --- units: no Ray needed -------------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ def kill_session(sid: int) -> None:
 def test_workers_without_ray_say_how_to_install_it(job, monkeypatch):
     from batchllm.config import JobSpec
     from batchllm.errors import JobError
-    from batchllm.pipeline import run
+    from batchllm.job.run import run
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     spec = JobSpec(

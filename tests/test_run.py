@@ -92,9 +92,9 @@ def test_sharing_on_and_off_give_identical_outputs(tmp_path, tiny_models, make_r
 
 def test_tiny_kv_pool_preempts_and_stays_exact(tmp_path, tiny_models, make_rows):
     from batchllm.config import EngineConfig, JobSpec, SamplingParams
+    from batchllm.job.run import run
     from batchllm.model.config import load_model_config
     from batchllm.model.decoder import kv_bytes_per_block
-    from batchllm.pipeline import run
 
     model = tiny_models["llama"]
     texts = make_rows(num_groups=2, rows_per_group=6, seed=3)

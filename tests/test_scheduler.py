@@ -8,7 +8,7 @@ import pytest
 
 from batchllm.scheduler.block_pool import BlockPool
 from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.sequence import SeqKind, Sequence
+from batchllm.scheduler.seq import SeqKind, Sequence
 
 
 def test_block_pool_refcounts():

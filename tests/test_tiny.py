@@ -12,8 +12,8 @@ from conftest import TINY_MODEL_SPECS
 from hf_reference import hf_greedy, load_hf_model
 from transformers import AutoTokenizer
 
-from batchllm.demo_data import DEMO_PREFIX, make_reviews, write_demo_job
-from batchllm.tiny import FAMILIES, make_tiny_model, train_tokenizer
+from batchllm.testing.demo import DEMO_PREFIX, make_reviews, write_demo_job
+from batchllm.testing.tiny import FAMILIES, make_tiny_model, train_tokenizer
 
 TEXTS = [
     "I bought the blender. It is great!",

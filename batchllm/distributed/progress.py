@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from batchllm.progress import RowProgress
-from batchllm.results import UnitStats
+from batchllm.job.progress import RowProgress
+from batchllm.job.results import UnitStats
 
 
 class WorkerProgress(RowProgress):

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 from batchllm.config import JobSpec
 from batchllm.errors import JobError
-from batchllm.interrupt import Interrupted
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.writer import RunDir
-from batchllm.results import UnitStats
+from batchllm.job.interrupt import Interrupted
+from batchllm.job.results import UnitStats
+from batchllm.job.units import WorkUnit
 
 from .progress import WorkerProgress
-from .units import WorkUnit
 from .worker import EngineWorker, UnitCalls
 
 log = logging.getLogger("batchllm")

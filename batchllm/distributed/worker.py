@@ -16,26 +16,25 @@ from pathlib import Path
 import torch
 
 from batchllm.config import JobSpec
-from batchllm.engine import Engine
+from batchllm.engine.loop import Engine
+from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.placement import kv_pool_blocks, make_backend, resolve_placement
+from batchllm.engine.stopping import StopChecker
 from batchllm.errors import JobError
-from batchllm.faults import crash_point
-from batchllm.interrupt import Interrupted
 from batchllm.io.writer import RunDir
+from batchllm.job.fence import Fence
+from batchllm.job.interrupt import Interrupted
+from batchllm.job.progress import RowProgress
+from batchllm.job.results import UnitResults, UnitStats
+from batchllm.job.units import WorkUnit, unit_sequences
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.decoder import allocate_kv_caches, kv_bytes_per_block
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.progress import RowProgress
-from batchllm.results import UnitResults, UnitStats
-from batchllm.runner import ModelRunner
-from batchllm.runtime import kv_pool_blocks, make_backend, resolve_placement
 from batchllm.scheduler.block_pool import BlockPool
 from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.sequence import Sequence
-from batchllm.stopping import StopChecker
-
-from .fence import Fence
-from .units import WorkUnit, unit_sequences
+from batchllm.scheduler.seq import Sequence
+from batchllm.testing.faults import crash_point
 
 
 @dataclass(frozen=True)

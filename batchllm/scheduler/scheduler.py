@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from batchllm.scheduler.block_pool import BlockPool
-from batchllm.scheduler.sequence import SeqKind, Sequence
+from batchllm.scheduler.seq import SeqKind, Sequence
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.sampling import sample
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
-from batchllm.sampling import sample
 from batchllm.scheduler.scheduler import Chunk, StepPlan
 
 

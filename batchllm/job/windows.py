@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from batchllm.engine.sampling import row_key
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import InputSource
-from batchllm.sampling import row_key
 
 
 @dataclass(frozen=True)

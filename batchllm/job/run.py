@@ -23,26 +23,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.config import JobSpec
-from batchllm.distributed.fence import claim
 from batchllm.distributed.progress import WorkerProgress
-from batchllm.distributed.units import PlannedRows, WorkUnit, split_plan
 from batchllm.distributed.worker import LocalExecutor, UnitCalls, UnitRunner
-from batchllm.engine import EngineStats
-from batchllm.faults import crash_point
-from batchllm.interrupt import Interrupted, StopRequest
+from batchllm.engine.loop import EngineStats
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
 from batchllm.io.writer import RunDir, result_table
+from batchllm.job.fence import claim
+from batchllm.job.interrupt import Interrupted, StopRequest
+from batchllm.job.progress import RowProgress
+from batchllm.job.results import RowBlock, UnitStats, error_table
+from batchllm.job.units import PlannedRows, WorkUnit, split_plan
+from batchllm.job.windows import Window, read_windows, row_keys
 from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats, make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
-from batchllm.progress import RowProgress
-from batchllm.results import RowBlock, UnitStats, error_table
-from batchllm.workload import Window, read_windows, row_keys
+from batchllm.testing.faults import crash_point
 
 log = logging.getLogger("batchllm")
 

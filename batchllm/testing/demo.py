@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchllm.tiny import FAMILIES, default_corpus, make_tiny_model, train_tokenizer
+from batchllm.testing.tiny import FAMILIES, default_corpus, make_tiny_model, train_tokenizer
 
 DEMO_PREFIX = "Classify the sentiment of this review as positive or negative.\nReview: "
 

@@ -7,11 +7,11 @@ import numpy as np
 from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
+from batchllm.job.windows import read_windows
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import Plan, make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
-from batchllm.workload import read_windows
 
 SUMMED = (
     "rows",

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from batchllm.job.results import RowBlock
 from batchllm.prefix_tree.plan import Plan
-from batchllm.results import RowBlock
-from batchllm.scheduler.sequence import SeqKind, Sequence
+from batchllm.scheduler.seq import SeqKind, Sequence
 
 UNITS_PER_WORKER = 4  # enough pieces that handing out the biggest first balances the workers
 MAX_REPEAT = 0.25  # most repeated prefix tokens a cut may add, as a fraction of the group's work

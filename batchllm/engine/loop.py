@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from batchllm.interrupt import Interrupted
-from batchllm.runner import ModelRunner
+from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.stopping import StopChecker
+from batchllm.job.interrupt import Interrupted
 from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.sequence import Sequence
-from batchllm.stopping import StopChecker
+from batchllm.scheduler.seq import Sequence
 
 
 @dataclass

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from batchllm.engine import EngineStats
-from batchllm.interrupt import Interrupted
+from batchllm.engine.loop import EngineStats
 from batchllm.io.writer import RunDir, result_table
-from batchllm.workload import Window
+from batchllm.job.interrupt import Interrupted
+from batchllm.job.windows import Window
 
 
 @dataclass(frozen=True, eq=False)
