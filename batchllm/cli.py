@@ -1,4 +1,4 @@
-"""Command line: arguments -> JobSpec -> pipeline.run(); exit 0 all rows done, 1 some rows failed,
+"""Command line: arguments -> JobSpec -> job.run.run(); exit 0 all rows done, 1 some rows failed,
 2 the job could not run."""
 
 from __future__ import annotations
@@ -16,11 +16,7 @@ from rich.table import Table
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
 from batchllm.errors import JobError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from batchllm.job.job_file import job_spec, merge_job_file
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference with global prefix sharing."
@@ -28,9 +24,6 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 
 Opt = typer.Option
-
-
-PATH_KEYS = ("input", "prefix", "output", "run_dir", "report")
 
 
 @app.command()
@@ -84,82 +77,12 @@ def run(
     """Generate one output for every input row and write them to Parquet (resumes an interrupted run)."""
     _logging(quiet)
     with _job_errors(debug):
-        p = _merge_job_file(ctx, job)
-        spec = _job_spec(p)
+        p = merge_job_file(ctx, job)
+        spec = job_spec(p)
         failed = _run(spec, p["quiet"], fresh=p["fresh"])
     if failed:
         err.print(f"{failed} row(s) failed; see the 'error' column of {spec.output}")
         raise typer.Exit(1)
-
-
-def _merge_job_file(ctx: typer.Context, job: Path | None) -> dict:
-    """The command's parameters, with a job file's values where no flag was given."""
-    params = dict(ctx.params)
-    if job is None:
-        return params
-    try:
-        settings = tomllib.loads(job.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise JobError(f"cannot read the job file {job}: {exc}") from exc
-    for key, value in settings.items():
-        name = key.replace("-", "_")
-        if name not in params or name in ("job", "debug"):
-            raise JobError(f"job file {job}: unknown setting {key!r}")
-        if getattr(ctx.get_parameter_source(name), "name", None) != "DEFAULT":
-            continue  # the command line wins
-        if name in PATH_KEYS:
-            value = job.parent / value  # relative to the job file
-        elif name == "keep_columns" and isinstance(value, list):
-            value = ",".join(value)
-        elif name == "stop" and isinstance(value, str):
-            value = [value]
-        params[name] = value
-    return params
-
-
-def _job_spec(p: dict) -> JobSpec:
-    if p["input"] is None or p["model"] is None:
-        raise JobError("give INPUT and --model (on the command line or in a --job file)")
-    inp, prefix = Path(p["input"]), p["prefix"]
-    if prefix is not None and not Path(prefix).is_file():
-        raise JobError(f"prefix file {prefix} does not exist")
-    return JobSpec(
-        input=inp,
-        model=str(p["model"]),
-        output=Path(p["output"]) if p["output"] else Path.cwd() / f"{inp.stem}.out.parquet",
-        format=p["format"],
-        column=p["column"],
-        id_column=p["id_column"],
-        keep_columns=tuple(c.strip() for c in p["keep_columns"].split(",") if c.strip()),
-        prefix=Path(prefix).read_text(encoding="utf-8") if prefix is not None else None,
-        chat=p["chat"],
-        sampling=SamplingParams(
-            p["temperature"],
-            p["top_p"],
-            p["top_k"],
-            p["seed"],
-            p["max_new_tokens"],
-            tuple(p["stop"] or ()),
-            p["ignore_eos"],
-        ),  # fmt: skip
-        engine=EngineConfig(
-            device=p["device"],
-            dtype=p["dtype"],
-            token_budget=p["token_budget"],
-            kv_cache_memory=p["kv_cache_memory"],
-            attention_backend=p["attention_backend"],
-            prefix_sharing=p["prefix_sharing"],
-            load_format=p["load_format"],
-        ),
-        report=Path(p["report"]) if p["report"] else None,
-        progress=not p["quiet"],
-        run_dir=Path(p["run_dir"]) if p["run_dir"] else None,
-        window_rows=p["window"],
-        checkpoint_rows=p["checkpoint_rows"],
-        checkpoint_seconds=p["checkpoint_seconds"],
-        workers=p["workers"],
-        ray_address=p["ray_address"],
-    )
 
 
 @app.command()
@@ -234,7 +157,8 @@ def report_cmd(
 
 
 def _run(job: JobSpec, quiet: bool, fresh: bool = False) -> int:
-    from batchllm.job.interrupt import Interrupted, StopRequest
+    from batchllm.errors import Interrupted
+    from batchllm.job.interrupt import StopRequest
     from batchllm.job.report import collect, print_summary, write_json
     from batchllm.job.run import run as run_pipeline
 
@@ -269,7 +193,7 @@ def demo(
     """Run the whole pipeline on a tiny random model and a generated reviews file, offline."""
     import tempfile
 
-    from batchllm.testing.demo import write_demo_job
+    from batchllm.testing.demo import preview, write_demo_job
 
     _logging(False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,34 +201,12 @@ def demo(
         workdir.mkdir(parents=True, exist_ok=True)
         err.print("[bold]batchllm demo[/]: a tiny model with RANDOM weights, so its outputs are noise;")
         err.print("the point is to see the pipeline run end to end with nothing to download.\n")
-        demo_job = write_demo_job(workdir, rows=rows)
-        job = JobSpec(
-            input=demo_job.input_path,
-            model=str(demo_job.model_dir),
-            output=demo_job.output_path,
-            id_column="review_id",
-            keep_columns=("stars",),
-            prefix=demo_job.prefix_path.read_text(encoding="utf-8"),
-            sampling=SamplingParams(max_new_tokens=24),
-            engine=EngineConfig(device="cpu"),
-        )
+        spec = write_demo_job(workdir, rows=rows).spec()
         with _job_errors(False):
-            _run(job, False)
-        _preview(job.output)
+            _run(spec, False)
+        err.print(preview(spec.output))
         if keep is None:
             err.print("(pass --keep DIR to keep the model, data and output)")
-
-
-def _preview(output: Path, rows: int = 5) -> None:
-    import pyarrow.parquet as pq
-
-    table = Table(title=f"first rows of {output.name}")
-    columns = ["id", "output", "prompt_tokens", "cached_tokens", "finish_reason"]
-    for name in columns:
-        table.add_column(name, no_wrap=True)
-    for row in pq.read_table(output, columns=columns).slice(0, rows).to_pylist():
-        table.add_row(*(escape(repr(row[c])[:40] if c == "output" else str(row[c])) for c in columns))
-    err.print(table)
 
 
 class _job_errors:

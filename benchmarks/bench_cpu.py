@@ -172,7 +172,7 @@ def run_batchllm(model_dir: Path, work: Workload, workdir: Path, sharing: bool, 
         took -= loading
     out = pq.read_table(job.output).to_pydict()
     phases = {k: round(v, 3) for k, v in outcome.phases.items()}
-    prefill, unique = outcome.engine.prefill_tokens, outcome.unique_prompt_tokens
+    prefill, unique = outcome.engine.prefill_tokens, outcome.plan.unique_prompt_tokens
     return Run(took.wall, took.cpu, out["output"], sum(out["output_tokens"]), prefill, phases, unique)
 
 

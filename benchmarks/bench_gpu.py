@@ -270,9 +270,10 @@ def _run_batchllm(
         o = batchllm.job.run.run(job, fresh=True)
         seconds = time.perf_counter() - t0 - sum(load)
     extra = {"prefill_tokens_computed": o.engine.prefill_tokens, "preemptions": o.preemptions,
-             "unique_prompt_tokens": o.unique_prompt_tokens, "phase_seconds": o.phases,
+             "unique_prompt_tokens": o.plan.unique_prompt_tokens, "phase_seconds": o.phases,
              "load_seconds": sum(load)}  # fmt: skip
-    return Measured(seconds, o.rows - o.rows_failed, o.prompt_tokens, o.output_tokens, extra)
+    c = o.counts
+    return Measured(seconds, c.rows - c.failed, c.prompt_tokens, c.output_tokens, extra)
 
 
 def _greedy(out: int) -> GenerationConfig:

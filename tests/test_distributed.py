@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batchllm.cli import app
-from batchllm.job.results import RowBlock
+from batchllm.job.rows import RowBlock
 from batchllm.job.units import PlannedRows, split_plan, unit_sequences
 from batchllm.prefix_tree.plan import make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
@@ -62,7 +62,7 @@ def test_units_cover_every_row_once_and_keep_groups_whole(workers):
                 group_units[key] = group_units.get(key, 0) + 1
         computed += sum(s.prompt_len - (s.parent.prompt_len if s.parent else 0) for s in seqs)
         rows_here = [s for s in seqs if s.is_row]
-        assert sorted(s.seq_id for s in rows_here) == sorted(set(unit.rep.tolist()))
+        assert sorted(s.index for s in rows_here) == sorted(set(unit.rep.tolist()))
     # Only the system prompt is repeated (once per unit); every group below it runs in one unit.
     repeated = [k for k, n in group_units.items() if n > 1]
     assert len(repeated) <= (1 if workers > 1 else 0)

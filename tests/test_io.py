@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchllm.errors import JobError
-from batchllm.io import reader, writer
+from batchllm.io import jsonl, writer
 from batchllm.io.prompts import Prompter
-from batchllm.io.reader import RowBatch, open_input
+from batchllm.io.reader import open_input
+from batchllm.io.source import RowBatch
 from batchllm.io.writer import RunDir, result_table
 
 CHATML = (
@@ -106,7 +107,7 @@ def test_null_missing_and_non_string_texts_become_row_errors(tmp_path: Path) -> 
 
 
 def test_jsonl_types_agree_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reader, "_SCAN_ROWS", 2)  # validate in many small chunks, each typed on its own
+    monkeypatch.setattr(jsonl, "_SCAN_ROWS", 2)  # validate in many small chunks, each typed on its own
     rows = [{"text": 7, "n": None, "day": "2024-01-02"}, {"text": "a", "n": 1, "day": "x"}]
     rows += [{"text": "b", "n": 2.5, "day": None}]
     source = open_input(write_jsonl(tmp_path / "in.jsonl", rows), None, "text", None, ("n", "day"))

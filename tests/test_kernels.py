@@ -23,17 +23,17 @@ import triton.language as tl  # noqa: E402
 
 from batchllm.kernels.decode_attention import paged_decode_attention, prefix_decode_attention  # noqa: E402
 from batchllm.kernels.kv_store import kv_offsets, store_kv  # noqa: E402
-from batchllm.kernels.merge import AttentionState, merge_state_stack, merge_states  # noqa: E402
+from batchllm.kernels.merge import AttentionState, merge_state_stack  # noqa: E402
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups  # noqa: E402
 from batchllm.kernels.prefill_attention import prefill_attention  # noqa: E402
 from batchllm.kernels.reference import (  # noqa: E402
     attention_state_ref,
     gather_kv_ref,
-    merge_states_ref,
     paged_attention_ref,
     prefix_decode_ref,
     store_kv_ref,
 )
+from batchllm.kernels.torch_merge import merge_attention_states  # noqa: E402
 from batchllm.kernels.triton_backend import TritonAttention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -341,8 +341,8 @@ def test_merge_states_matches_reference(dtype: torch.dtype, head_dim: int) -> No
     a, b = _random_state(5, 6, head_dim, dtype, gen), _random_state(5, 6, head_dim, dtype, gen)
     b.lse[1, 2] = float("-inf")
     a.lse[2, 3] = float("-inf")
-    merged = merge_states(a, b)
-    expected_out, expected_lse = merge_states_ref(a, b)
+    merged = merge_state_stack(torch.stack([a.out, b.out]), torch.stack([a.lse, b.lse]))
+    expected_out, expected_lse = merge_attention_states(a, b)
     assert merged.out.dtype == dtype
     assert torch.all(merged.lse[0] == float("-inf")) and torch.all(merged.out[0] == 0)
     assert_close(merged.out, expected_out, dtype)
@@ -361,7 +361,9 @@ def test_merging_nested_prefix_levels_equals_full_attention() -> None:
             return AttentionState(*attention_state_ref(q, k, v, batch.scale))
 
         parts = [state_over(range(lo, hi)) for lo, hi in zip(bounds, [*bounds[1:], seq_len], strict=True)]
-        nested = merge_states(merge_states(merge_states(parts[0], parts[1]), parts[2]), parts[3])
+        nested = parts[0]
+        for part in parts[1:]:
+            nested = AttentionState(*merge_attention_states(nested, part))
         stacked = merge_state_stack(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
         full = state_over(range(seq_len))
         for state in (nested, stacked):

@@ -30,7 +30,6 @@ PLAN_OPTIONS = st.fixed_dictionaries(
     {
         "min_saving_tokens": st.sampled_from([0, 3, DEFAULT_MIN_SAVING_TOKENS]),
         "dedup": st.booleans(),
-        "order": st.sampled_from(["dfs", "ratio"]),
     }
 )
 
@@ -72,10 +71,19 @@ def naive_groups(rows: Rows, min_saving: int, dedup: bool) -> set[tuple[int, ...
 
 
 def node_prefix(seqs: TokenSeqs, plan, i: int) -> tuple[int, ...]:
-    node = plan.node(i)
-    if node.length == 0:  # the root; with no rows at all its source_row names no row
+    length = int(plan.node_length[i])
+    if length == 0:  # the root; with no rows at all its source_row names no row
         return ()
-    return tuple(seqs.row(node.source_row)[: node.length].tolist())
+    return tuple(seqs.row(int(plan.node_source_row[i]))[:length].tolist())
+
+
+def parent_of(node_parent, node: int) -> int | None:
+    up = int(node_parent[node])
+    return None if up < 0 else up
+
+
+def tree_prefix(tree, node: int) -> list[int]:
+    return tree.seqs.row(int(tree.node_row[node]))[: int(tree.node_length[node])].tolist()
 
 
 @settings(max_examples=300, deadline=None)
@@ -87,9 +95,9 @@ def test_tree_holds_every_prompt_in_lexicographic_order(rows: Rows) -> None:
     assert tree.duplicate_of().tolist() == first_equal(rows)
     for r, row in enumerate(rows):
         node = int(tree.row_leaf[r])
-        assert tree.prefix(node).tolist() == row
-        while (up := tree.parent(node)) is not None:
-            assert tree.prefix(up).tolist() == row[: int(tree.node_length[up])]
+        assert tree_prefix(tree, node) == row
+        while (up := parent_of(tree.node_parent, node)) is not None:
+            assert tree_prefix(tree, up) == row[: int(tree.node_length[up])]
             assert tree.node_length[up] < tree.node_length[node]
             node = up
         assert node == 0
@@ -105,7 +113,7 @@ def test_plan_groups_nest_and_rows_run_depth_first(rows: Rows, options: dict) ->
     assert set(prefixes[1:]) == naive_groups(rows, options["min_saving_tokens"], options["dedup"])
     assert len(set(prefixes)) == plan.num_nodes
     for i in range(1, plan.num_nodes):
-        parent = plan.node(i).parent
+        parent = parent_of(plan.node_parent, i)
         assert parent is not None and parent < i
         assert prefixes[i][: len(prefixes[parent])] == prefixes[parent]
         assert len(prefixes[parent]) < len(prefixes[i])
@@ -130,10 +138,10 @@ def check_groups_contiguous(plan) -> None:
         node: int | None = int(plan.row_node[r])
         while node is not None:
             at.setdefault(node, []).append(pos)
-            node = plan.node(node).parent
+            node = parent_of(plan.node_parent, node)
     for i in range(plan.num_nodes):
         positions = at.get(i, [])
-        assert len(positions) == plan.node(i).num_rows
+        assert len(positions) == plan.node_num_rows[i]
         if positions:
             assert positions[-1] - positions[0] + 1 == len(positions)
 
@@ -178,9 +186,9 @@ def nested_prompts(draw) -> Rows:
 
 
 @settings(max_examples=100, deadline=None)
-@given(nested_prompts(), st.sampled_from(["dfs", "ratio"]))
-def test_nested_sharing_plans_close_to_the_unique_tokens(rows: Rows, order: str) -> None:
-    plan = make_plan(TokenSeqs.from_lists(rows), order=order)
+@given(nested_prompts())
+def test_nested_sharing_plans_close_to_the_unique_tokens(rows: Rows) -> None:
+    plan = make_plan(TokenSeqs.from_lists(rows))
     plan.check_invariants()
     assert plan.stats.prefill_tokens_planned <= 1.05 * plan.stats.unique_prompt_tokens
     assert plan.stats.max_tree_depth >= 2
@@ -193,8 +201,8 @@ def test_system_prompt_and_product_groups_are_both_chosen() -> None:
     rows = [system + p + rng.integers(0, 1000, 20).tolist() for p in products for _ in range(20)]
     plan = make_plan(TokenSeqs.from_lists(rows))
     plan.check_invariants()
-    assert [n.length for n in plan.iter_nodes()] == [0, 150, 230, 230, 230]
-    assert [n.num_rows for n in plan.iter_nodes()] == [60, 60, 20, 20, 20]
+    assert plan.node_length.tolist() == [0, 150, 230, 230, 230]
+    assert plan.node_num_rows.tolist() == [60, 60, 20, 20, 20]
     assert plan.stats.max_tree_depth == 2 and plan.stats.avg_sharing_degree == 20 + 40 / 4
 
 
@@ -202,16 +210,8 @@ def test_tiny_accidental_sharing_makes_no_group() -> None:
     rows = [[7, 8, 9, 1, 2], [7, 8, 9, 3, 4], list(range(40)) + [1], list(range(40)) + [2]]
     plan = make_plan(TokenSeqs.from_lists(rows))
     plan.check_invariants()
-    assert [(n.length, n.num_rows) for n in plan.iter_nodes()] == [(0, 4), (40, 2)]
+    assert list(zip(plan.node_length.tolist(), plan.node_num_rows.tolist())) == [(0, 4), (40, 2)]
     assert plan.row_node.tolist() == [0, 0, 1, 1]
-
-
-def test_ratio_order_runs_shorter_distinct_suffixes_first_within_a_group() -> None:
-    shared = list(range(100))
-    rows = [shared + [k] * k for k in (5, 1, 3, 2)] + [[300] * 50 + [k] * 50 for k in range(2)]
-    plan = make_plan(TokenSeqs.from_lists(rows), order="ratio")
-    plan.check_invariants()
-    assert plan.row_order.tolist()[:4] == [1, 3, 2, 0]
 
 
 def test_length_one_rows_duplicates_and_a_prompt_that_prefixes_others() -> None:
@@ -241,8 +241,6 @@ def test_bad_input_is_refused_with_a_clear_message() -> None:
         TokenSeqs.from_lists([np.array([1.5])])
     with pytest.raises(ValueError, match="integers"):
         TokenSeqs.from_lists([[1, None]])
-    with pytest.raises(ValueError, match="order"):
-        make_plan(TokenSeqs.from_lists([[1]]), order="bfs")
     with pytest.raises(ValueError, match="min_saving_tokens"):
         make_plan(TokenSeqs.from_lists([[1]]), min_saving_tokens=-1)
 

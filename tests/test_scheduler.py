@@ -8,7 +8,7 @@ import pytest
 
 from batchllm.scheduler.block_pool import BlockPool
 from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.seq import SeqKind, Sequence
+from batchllm.scheduler.seq import Seq
 
 
 def test_block_pool_refcounts():
@@ -30,19 +30,17 @@ def test_block_pool_refcounts():
 def _work(rng: random.Random, block_size: int, nested: bool):
     """Prefix nodes (nested when asked) with rows beneath, in depth-first order."""
     work, rows = [], []
-    system = Sequence(1000, SeqKind.PREFIX, [1] * rng.randint(1, 3 * block_size), 0)
-    system.prompt_len = system.num_tokens
+    system = Seq.prefix(1000, [1] * rng.randint(1, 3 * block_size))
     work.append(system)
     for g in range(3):
         parent = system
         if nested:
-            group = Sequence(2000 + g, SeqKind.PREFIX, parent.token_ids + [2] * rng.randint(1, 9), 0, parent)
-            group.prompt_len = group.num_tokens
+            group = Seq.prefix(2000 + g, parent.token_ids + [2] * rng.randint(1, 9), parent)
             work.append(group)
             parent = group
         for _ in range(rng.randint(1, 4)):
             tokens = parent.token_ids + [3] * rng.randint(1, 2 * block_size)
-            row = Sequence(len(rows), SeqKind.ROW, tokens, len(tokens), parent)
+            row = Seq.row(len(rows), tokens, parent)
             rows.append(row)
             work.append(row)
             node = parent
@@ -55,14 +53,14 @@ def _work(rng: random.Random, block_size: int, nested: bool):
 def _drive(sched: Scheduler, rng: random.Random, max_new: int) -> int:
     steps = 0
     while sched.has_work():
-        plan = sched.schedule()
+        step = sched.schedule()
         sched.check_invariants()
-        for chunk in plan.chunks:
+        for chunk in step.chunks:
             seq = chunk.seq
             if seq.parent is not None and chunk.start < seq.parent.prompt_len:
                 raise AssertionError("a sequence recomputed tokens of its shared prefix")
-        sched.after_step(plan)
-        for chunk in plan.chunks:
+        sched.after_step(step)
+        for chunk in step.chunks:
             if chunk.sample:
                 chunk.seq.token_ids.append(rng.randint(0, 9))
                 if len(chunk.seq.output_ids) >= max_new:
@@ -93,7 +91,7 @@ def test_scheduler_frees_everything(seed: int, num_blocks: int):
 
 def test_tiny_pool_forces_preemption():
     rng = random.Random(0)
-    rows = [Sequence(i, SeqKind.ROW, [1] * 6, 6) for i in range(6)]
+    rows = [Seq.row(i, [1] * 6) for i in range(6)]
     pool = BlockPool(8)
     sched = Scheduler(pool, block_size=4, token_budget=64, max_running=6, max_new_tokens=10)
     for r in rows:
@@ -107,19 +105,19 @@ def test_tiny_pool_forces_preemption():
 def test_prefix_freed_when_its_last_row_finishes():
     pool = BlockPool(32)
     sched = Scheduler(pool, block_size=4, token_budget=64, max_running=4, max_new_tokens=8)
-    prefix = Sequence(0, SeqKind.PREFIX, [5] * 10, 10, pending_rows=2)
-    a = Sequence(0, SeqKind.ROW, [5] * 10 + [1, 2], 12, prefix)
-    b = Sequence(1, SeqKind.ROW, [5] * 10 + [3], 11, prefix)
+    prefix = Seq.prefix(0, [5] * 10, pending_rows=2)
+    a = Seq.row(0, [5] * 10 + [1, 2], prefix)
+    b = Seq.row(1, [5] * 10 + [3], prefix)
     for s in (prefix, a, b):
         sched.add(s)
-    plan = sched.schedule()  # the prefix alone: rows wait until it is prefilled
-    assert [c.seq for c in plan.chunks] == [prefix]
-    sched.after_step(plan)
-    plan = sched.schedule()
-    assert {c.seq for c in plan.chunks} == {a, b}
-    assert len(plan.block_copies) == 2  # each row copies the prefix's partial last block
-    assert all(c.start == 10 for c in plan.chunks)
-    sched.after_step(plan)
+    step = sched.schedule()  # the prefix alone: rows wait until it is prefilled
+    assert [c.seq for c in step.chunks] == [prefix]
+    sched.after_step(step)
+    step = sched.schedule()
+    assert {c.seq for c in step.chunks} == {a, b}
+    assert len(step.block_copies) == 2  # each row copies the prefix's partial last block
+    assert all(c.start == 10 for c in step.chunks)
+    sched.after_step(step)
     sched.finish(a, "stop")
     assert prefix in sched.live_prefixes
     sched.finish(b, "stop")

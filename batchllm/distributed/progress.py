@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from batchllm.job.counters import RowCounts
 from batchllm.job.progress import RowProgress
-from batchllm.job.results import UnitStats
+from batchllm.job.unit_worker import UnitStats
 
 
 class WorkerProgress(RowProgress):
@@ -18,18 +19,15 @@ class WorkerProgress(RowProgress):
 
     def unit_done(self, stats: UnitStats) -> None:
         rows, out, seconds = self.per_worker.get(stats.worker, (0, 0, 0.0))
-        self.per_worker[stats.worker] = (
-            rows + stats.rows,
-            out + stats.output_tokens,
-            seconds + stats.seconds,
-        )
-        self.advance(stats.rows, stats.prompt_tokens, stats.output_tokens, stats.cached_tokens)
+        c = stats.counts
+        self.per_worker[stats.worker] = (rows + c.rows, out + c.output_tokens, seconds + stats.seconds)
+        self.advance(c)
 
-    def advance(self, rows: int, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> None:
-        super().advance(rows, prompt_tokens, output_tokens, cached_tokens)
+    def advance(self, counts: RowCounts) -> None:
+        super().advance(counts)
         if self._bar is not None and self.per_worker:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
-            rate = f"out {self.output_tokens / elapsed:,.0f} tok/s  {self.workers_text()}"
+            rate = f"out {self.counts.output_tokens / elapsed:,.0f} tok/s  {self.workers_text()}"
             self._bar.update(self._task, rate=rate)
 
     def workers_text(self) -> str:

@@ -18,15 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchllm.config import JobSpec
-from batchllm.errors import JobError
+from batchllm.distributed.progress import WorkerProgress
+from batchllm.distributed.worker import EngineWorker
+from batchllm.errors import Interrupted, JobError
+from batchllm.io.faults import CRASH_ENV, worker_crash_spec
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.writer import RunDir
-from batchllm.job.interrupt import Interrupted
-from batchllm.job.results import UnitStats
+from batchllm.job.unit_worker import UnitCalls, UnitStats
 from batchllm.job.units import WorkUnit
-
-from .progress import WorkerProgress
-from .worker import EngineWorker, UnitCalls
 
 log = logging.getLogger("batchllm")
 
@@ -35,9 +34,6 @@ MAX_RESTARTS = 2  # fresh sets of workers after all have died
 MAX_UNIT_ATTEMPTS = 4  # a unit that kills every worker it meets fails the job
 START_TIMEOUT_S = 900.0  # workers waiting for resources the cluster lacks
 WAIT_S = 0.2  # how often the driver looks at the stop request
-# Tests: "<worker>:<point>:<n>" gives the first worker number <worker> (or every first worker, for "*")
-# BATCHLLM_CRASH_AT=<point>:<n>; workers started later never crash.
-WORKER_CRASH_ENV = "BATCHLLM_WORKER_CRASH_AT"
 
 
 def import_ray():
@@ -109,7 +105,7 @@ class RayExecutor:
                 if stats is not None:
                     on_done(stats)
                     self.progress.unit_done(stats)
-                    calls.on_commit(stats.rows, stats.output_tokens, 0)  # on_done counted the unit
+                    calls.on_commit(stats.counts, 0)  # on_done counted the unit
                 elif not stopping and worker.alive is False:
                     self._retry(worker, unit, attempts, queue)
         if stopping:
@@ -229,7 +225,7 @@ class RayExecutor:
         self._pool = pool = []
         for i in range(shape.count):
             name, self._names = f"w{self._names}", self._names + 1
-            env = {"BATCHLLM_CRASH_AT": _crash_spec(i) if first else ""}
+            env = {CRASH_ENV: worker_crash_spec(i) if first else ""}
             actor = remote.options(
                 num_cpus=shape.threads or 1,
                 num_gpus=shape.gpus,
@@ -247,11 +243,6 @@ class RayExecutor:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             raise JobError(f"a worker could not start: {_start_error(e)}") from e
         return placed[0]
-
-
-def _crash_spec(index: int) -> str:
-    worker, _, spec = os.environ.get(WORKER_CRASH_ENV, "").partition(":")
-    return spec if worker in (str(index), "*") else ""
 
 
 def _start_error(e: BaseException) -> str:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from batchllm.engine.model_runner import ModelRunner
 from batchllm.engine.stopping import StopChecker
-from batchllm.job.interrupt import Interrupted
-from batchllm.scheduler.scheduler import Scheduler
-from batchllm.scheduler.seq import Sequence
+from batchllm.errors import Interrupted
+from batchllm.scheduler.scheduler import Scheduler, Step
+from batchllm.scheduler.seq import Seq
 
 
 @dataclass
@@ -18,17 +18,29 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # tokens run through the model for prompts, recomputation included
     decode_tokens: int = 0
-    prefill_seconds: float = 0.0  # wall time of steps that carried prompt tokens
-    decode_seconds: float = 0.0  # wall time of pure decode steps
+    prompt_step_seconds: float = 0.0  # wall time of steps that carried prompt tokens (mixed ones too)
+    decode_step_seconds: float = 0.0  # wall time of steps of decode tokens only
     kv_samples: list[tuple[float, int]] = field(default_factory=list)  # (time, blocks in use)
 
     def add(self, other: EngineStats) -> None:
         self.steps += other.steps
         self.prefill_tokens += other.prefill_tokens
         self.decode_tokens += other.decode_tokens
-        self.prefill_seconds += other.prefill_seconds
-        self.decode_seconds += other.decode_seconds
+        self.prompt_step_seconds += other.prompt_step_seconds
+        self.decode_step_seconds += other.decode_step_seconds
         self.kv_samples.extend(other.kv_samples)
+
+    def count(self, step: Step, seconds: float, kv_blocks_used: int) -> None:
+        self.steps += 1
+        self.prefill_tokens += step.prefill_tokens
+        self.decode_tokens += sum(c.num_tokens for c in step.chunks) - step.prefill_tokens
+        if step.prefill_tokens:
+            self.prompt_step_seconds += seconds
+        else:
+            self.decode_step_seconds += seconds
+        now = time.time()
+        if not self.kv_samples or now - self.kv_samples[-1][0] >= 0.5:
+            self.kv_samples.append((now, kv_blocks_used))
 
 
 class Engine:
@@ -40,8 +52,8 @@ class Engine:
 
     def run(
         self,
-        work: Iterable[Sequence],
-        on_finish: Callable[[Sequence], None],
+        work: Iterable[Seq],
+        on_finish: Callable[[Seq], None],
         should_stop: Callable[[], bool] = lambda: False,
     ) -> EngineStats:
         """Runs every sequence of ``work`` (in execution order); calls ``on_finish`` for each row.
@@ -49,30 +61,23 @@ class Engine:
         sched = self.scheduler
         for seq in work:
             sched.add(seq)
-        stats = self.stats
         while sched.has_work():
             if should_stop():
                 raise Interrupted
             t0 = time.perf_counter()
-            plan = sched.schedule()
-            sampled = self.runner.execute(plan)
-            sched.after_step(plan)
-            rows = [c.seq for c in plan.chunks if c.sample]
-            for seq, token in zip(rows, sampled):
-                seq.token_ids.append(token)
-                reason = self.stopper.check(seq.output_ids)
-                if reason is not None:
-                    sched.finish(seq, reason)
-                    on_finish(seq)
-            elapsed = time.perf_counter() - t0
-            stats.steps += 1
-            stats.prefill_tokens += plan.prefill_tokens
-            stats.decode_tokens += sum(c.num_tokens for c in plan.chunks) - plan.prefill_tokens
-            if plan.prefill_tokens:
-                stats.prefill_seconds += elapsed
-            else:
-                stats.decode_seconds += elapsed
-            now = time.time()
-            if not stats.kv_samples or now - stats.kv_samples[-1][0] >= 0.5:
-                stats.kv_samples.append((now, sched.pool.num_used))
-        return stats
+            step = sched.schedule()
+            sampled = self.runner.execute(step)
+            sched.after_step(step)
+            self._append(step, sampled, on_finish)
+            self.stats.count(step, time.perf_counter() - t0, sched.pool.num_used)
+        return self.stats
+
+    def _append(self, step: Step, sampled: list[int], on_finish: Callable[[Seq], None]) -> None:
+        """Each sampled token joins its row; rows that now stop are finished."""
+        rows = [c.seq for c in step.chunks if c.sample]
+        for seq, token in zip(rows, sampled):
+            seq.token_ids.append(token)
+            reason = self.stopper.check(seq.token_ids, seq.prompt_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                on_finish(seq)

@@ -9,7 +9,8 @@ from batchllm.config import SamplingParams
 from batchllm.engine.sampling import sample
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
-from batchllm.scheduler.scheduler import Chunk, StepPlan
+from batchllm.scheduler.block_pool import blocks_for
+from batchllm.scheduler.scheduler import Chunk, Step
 
 
 class ModelRunner:
@@ -29,19 +30,19 @@ class ModelRunner:
         self.device = kv_caches[0][0].device
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Runs one step; returns the sampled token of every chunk with ``sample``, in plan order."""
-        self._copy_blocks(plan.block_copies)
-        input_ids, positions, meta = self._prepare(plan.chunks)
+    def execute(self, step: Step) -> list[int]:
+        """Runs one step; returns the sampled token of every chunk with ``sample``, in step order."""
+        self._copy_blocks(step.block_copies)
+        input_ids, positions, meta = self._prepare(step.chunks)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        last = [i for i, c in enumerate(plan.chunks) if c.sample]
+        last = [i for i, c in enumerate(step.chunks) if c.sample]
         if not last:
             return []
         ends = meta.query_start_loc[1:].to(torch.long) - 1
         logits = self.model.compute_logits(hidden[ends[last]])
-        sampled = [plan.chunks[i] for i in last]
+        sampled = [step.chunks[i] for i in last]
         keys = [c.seq.sample_key for c in sampled]
-        steps = [c.seq.num_tokens - c.seq.prompt_len for c in sampled]
+        steps = [c.seq.num_output for c in sampled]
         return sample(logits, self.sampling, keys, steps)
 
     def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
@@ -58,10 +59,10 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, slots = [], [], []
         query_lens, seq_lens = [], []
-        max_blocks = max(-(-c.end // bs) for c in chunks)
+        max_blocks = max(blocks_for(c.end, bs) for c in chunks)
         tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
         for i, c in enumerate(chunks):
-            table = c.seq.block_table[: -(-c.end // bs)]
+            table = c.seq.block_table[: blocks_for(c.end, bs)]
             tables[i, : len(table)] = table
             pos = np.arange(c.start, c.end, dtype=np.int64)
             ids.append(c.seq.token_ids[c.start : c.end])

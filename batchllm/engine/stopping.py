@@ -13,13 +13,14 @@ class StopChecker:
         # Enough trailing tokens to contain any stop string (a token is at least one byte).
         self._tail = max((len(s.encode()) for s in params.stop), default=0) + 8
 
-    def check(self, output_ids: list[int]) -> str | None:
-        """The finish reason after the latest token, or None to go on."""
-        if output_ids[-1] in self.eos:
+    def check(self, token_ids: list[int], prompt_len: int) -> str | None:
+        """The finish reason after the latest token of a row (prompt + output so far), or None to go on."""
+        if token_ids[-1] in self.eos:
             return "stop"
-        if self.params.stop and self._hits_stop(output_ids):
+        num_output = len(token_ids) - prompt_len
+        if self.params.stop and self._hits_stop(token_ids[-min(self._tail, num_output) :]):
             return "stop"
-        if len(output_ids) >= self.params.max_new_tokens:
+        if num_output >= self.params.max_new_tokens:
             return "length"
         return None
 
@@ -29,6 +30,6 @@ class StopChecker:
         cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         return text[: min(cuts)] if cuts else text
 
-    def _hits_stop(self, output_ids: list[int]) -> bool:
-        tail = self.tokenizer.decode(output_ids[-self._tail :], skip_special_tokens=True)
+    def _hits_stop(self, last_ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(last_ids, skip_special_tokens=True)
         return any(s in tail for s in self.params.stop)

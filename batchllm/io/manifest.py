@@ -14,7 +14,7 @@ from pathlib import Path
 
 from batchllm.config import JobSpec
 from batchllm.errors import JobError
-from batchllm.io.reader import InputSource
+from batchllm.io.source import InputSource
 
 MANIFEST = "manifest.json"
 HASH_BATCH_ROWS = 65536

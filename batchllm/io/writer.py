@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
-from batchllm.testing.faults import crash_point
+from batchllm.io.faults import crash_point
 
 logger = logging.getLogger(__name__)
 

@@ -10,21 +10,12 @@ from batchllm.io.reader import open_input
 from batchllm.job.windows import read_windows
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.prefix_tree.plan import Plan, make_plan
+from batchllm.prefix_tree.plan import Plan, PlanStats, make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
-
-SUMMED = (
-    "rows",
-    "prompt_tokens",
-    "unique_prompt_tokens",
-    "prefill_tokens_planned",
-    "groups",
-    "duplicate_rows",
-)
 
 
 def plan_job(job: JobSpec) -> dict:
-    """The plan figures of the whole job (summed over its windows), as ``batchllm run`` would plan it."""
+    """The plan figures of the whole job (its windows combined), as ``batchllm run`` would plan it."""
     source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
     model_path = resolve_model_path(job.model)
     mcfg = load_model_config(model_path)
@@ -33,33 +24,21 @@ def plan_job(job: JobSpec) -> dict:
     windows = read_windows(
         source, prompter, job.window_rows, job.sampling.max_new_tokens, mcfg.max_position_embeddings, skip
     )
-    totals = dict.fromkeys(SUMMED, 0) | {"rows_failed": 0, "max_tree_depth": 0}
-    weighted = dict.fromkeys(("avg_sharing_degree", "avg_prefix_tokens", "avg_distinct_tokens"), 0.0)
-    flops_shared = flops_plain = 0.0
+    stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     share = job.engine.prefix_sharing
     for window in windows:
         prompts = [window.token_ids[i] for i in window.runnable()]
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
-        s = plan.stats
-        for key in SUMMED:
-            totals[key] += getattr(s, key)
-        totals["rows_failed"] += window.num_failed
-        totals["max_tree_depth"] = max(totals["max_tree_depth"], s.max_tree_depth)
-        weighted["avg_sharing_degree"] += s.avg_sharing_degree * s.groups
-        weighted["avg_prefix_tokens"] += s.avg_prefix_tokens * s.groups
-        weighted["avg_distinct_tokens"] += s.avg_distinct_tokens * (s.rows - s.duplicate_rows)
+        stats.append(plan.stats)
+        failed += window.num_failed
         flops_shared += _planned_flops(plan, mcfg)
         flops_plain += sum(_segment_flops(mcfg, 0, len(p)) for p in prompts)
-    groups, reps = totals["groups"], totals["rows"] - totals["duplicate_rows"]
-    prompt = totals["prompt_tokens"]
+    total = PlanStats.combine(stats).to_dict()
     return {
-        **totals,
-        "rows": totals["rows"] + totals["rows_failed"],
-        "rows_ok": totals["rows"],
-        "saving_ratio": 1 - totals["prefill_tokens_planned"] / prompt if prompt else 0.0,
-        "avg_sharing_degree": weighted["avg_sharing_degree"] / groups if groups else 0.0,
-        "avg_prefix_tokens": weighted["avg_prefix_tokens"] / groups if groups else 0.0,
-        "avg_distinct_tokens": weighted["avg_distinct_tokens"] / reps if reps else 0.0,
+        **total,
+        "rows": total["rows"] + failed,
+        "rows_ok": total["rows"],
+        "rows_failed": failed,
         "prefill_flops_with_sharing": flops_shared,
         "prefill_flops_without_sharing": flops_plain,
         "model": job.model,

@@ -6,10 +6,6 @@ import signal
 import threading
 
 
-class Interrupted(Exception):
-    """The run was asked to stop; finished rows are committed and re-running resumes."""
-
-
 class StopRequest:
     """Set by SIGINT/SIGTERM; the engine checks it after every step. A second signal stops at once."""
 

@@ -8,16 +8,15 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from batchllm.job.counters import RowCounts
+
 log = logging.getLogger("batchllm")
 
 
 class RowProgress:
     def __init__(self, total_rows: int, enabled: bool = True, log_every_s: float = 30.0) -> None:
         self.total = total_rows
-        self.done = 0
-        self.prompt_tokens = 0
-        self.output_tokens = 0
-        self.cached_tokens = 0  # prompt tokens whose KV was reused (shared prefixes, duplicates)
+        self.counts = RowCounts()
         self.start = time.perf_counter()
         self.enabled = enabled
         self._log_every = log_every_s
@@ -35,34 +34,30 @@ class RowProgress:
             self._task = self._bar.add_task("rows", total=total_rows, rate="")
             self._bar.start()
 
-    def advance(self, rows: int, prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> None:
-        self.done += rows
-        self.prompt_tokens += prompt_tokens
-        self.output_tokens += output_tokens
-        self.cached_tokens += cached_tokens
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    def advance(self, counts: RowCounts) -> None:
+        self.counts.add(counts)
+        c, elapsed = self.counts, max(time.perf_counter() - self.start, 1e-9)
         if self._bar is not None:
-            rate = (
-                f"in {self.prompt_tokens / elapsed:,.0f} tok/s  out {self.output_tokens / elapsed:,.0f} tok/s"
-            )
-            self._bar.update(self._task, completed=self.done, rate=rate)
+            rate = f"in {c.prompt_tokens / elapsed:,.0f} tok/s  out {c.output_tokens / elapsed:,.0f} tok/s"
+            self._bar.update(self._task, completed=c.rows, rate=rate)
         elif self.enabled and time.perf_counter() - self._last_log >= self._log_every:
             self._last_log = time.perf_counter()
             log.info(self.line())
 
     def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate else float("nan")
+        c, elapsed = self.counts, max(time.perf_counter() - self.start, 1e-9)
+        rate = c.rows / elapsed
+        eta = (self.total - c.rows) / rate if rate else float("nan")
         return (
-            f"rows {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%)"
-            f"  in {self.prompt_tokens / elapsed:,.0f} tok/s  out {self.output_tokens / elapsed:,.0f} tok/s"
+            f"rows {c.rows}/{self.total} ({100 * c.rows / max(self.total, 1):.1f}%)"
+            f"  in {c.prompt_tokens / elapsed:,.0f} tok/s  out {c.output_tokens / elapsed:,.0f} tok/s"
             f"  prefix reuse {self.reuse():.0%}  eta {eta:,.0f}s"
         )
 
     def reuse(self) -> float:
         """Share of the finished rows' prompt tokens that were not computed for that row."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        c = self.counts
+        return c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0
 
     def close(self) -> None:
         if self._bar is not None:

@@ -18,6 +18,7 @@ from rich.table import Table
 from batchllm.errors import JobError
 from batchllm.io.manifest import MANIFEST
 from batchllm.io.metrics import MetricsLog
+from batchllm.job.counters import RowCounts
 
 GROUP_KEYS = ("groups", "avg_sharing_degree", "avg_prefix_tokens", "avg_distinct_tokens")
 GROUP_KEYS += ("duplicate_rows", "max_tree_depth")
@@ -29,35 +30,30 @@ def collect(run_dir: Path) -> dict:
     if not manifest_path.exists():
         raise JobError(f"{run_dir} is not a batchllm run directory (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
-    shards = _shards(run_dir)
-    ok = pa.compute.not_equal(shards["finish_reason"], "error")
+    counts = RowCounts.of_table(_shards(run_dir))
     records = MetricsLog(run_dir).read()
     attempts = _attempts(records)
-    rows_done = shards.num_rows
-    prompt = _sum(shards.filter(ok), "prompt_tokens")
-    output = _sum(shards, "output_tokens")
+    rows, prompt, output = manifest["input"]["rows"], counts.prompt_tokens, counts.output_tokens
     wall = sum(a["wall_seconds"] for a in attempts)
     computed = sum(a["prefill_tokens_computed"] for a in attempts)
     last = attempts[-1] if attempts else {}
     return {
-        "rows": manifest["input"]["rows"],
-        "rows_done": rows_done,
-        "rows_failed": rows_done - int(pa.compute.sum(ok).as_py() or 0),
-        "rows_remaining": manifest["input"]["rows"] - rows_done,
+        "rows": rows,
+        "rows_done": counts.rows,
+        "rows_failed": counts.failed,
+        "rows_remaining": rows - counts.rows,
         "prompt_tokens": prompt,
         "unique_prompt_tokens": last.get("unique_prompt_tokens", 0),
         "prefill_tokens_computed": computed,
-        "cached_tokens": _sum(shards, "cached_tokens"),
+        "cached_tokens": counts.cached_tokens,
         "output_tokens": output,
         # Only a finished run's ratio means anything: a run in progress has computed prefill for rows
         # it has not committed yet.
-        "saving_ratio": (1 - computed / prompt if prompt else 0.0)
-        if rows_done == manifest["input"]["rows"]
-        else None,
+        "saving_ratio": (1 - computed / prompt if prompt else 0.0) if counts.rows == rows else None,
         **{key: last.get(key, 0) for key in GROUP_KEYS},
         "wall_seconds": wall,
         "phase_seconds": _phases(attempts),
-        "requests_per_second": _rate(rows_done, wall),
+        "requests_per_second": _rate(counts.rows, wall),
         "input_tokens_per_second": _rate(prompt, wall),
         "output_tokens_per_second": _rate(output, wall),
         "total_tokens_per_second": _rate(prompt + output, wall),
@@ -118,10 +114,6 @@ def _phases(attempts: list[dict]) -> dict[str, float]:
         for name, seconds in a.get("phases", {}).items():
             total[name] = total.get(name, 0.0) + seconds
     return total
-
-
-def _sum(table: pa.Table, column: str) -> int:
-    return int(pa.compute.sum(table[column]).as_py() or 0)
 
 
 def _rate(amount: float, seconds: float) -> float:

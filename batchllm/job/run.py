@@ -3,73 +3,54 @@
 Every run lives in a run directory (manifest, committed shards, metrics). Re-running the same command
 resumes it: committed rows are skipped, the rest generated, and the output assembled in input order.
 The driver reads, tokenizes and plans each window once; the window's plan becomes work units
-(``distributed.units``) that run on the engine in this process, or on Ray workers with ``workers > 1``
-or a ``ray_address`` (``distributed.ray_executor``). Both run units with the same ``UnitRunner``.
+(``job.units``) that run on the engine in this process, or on Ray workers with ``workers > 1`` or a
+``ray_address`` (``distributed/``, imported only then). Both run units with the same ``UnitWorker``.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchllm.config import JobSpec
-from batchllm.distributed.progress import WorkerProgress
-from batchllm.distributed.worker import LocalExecutor, UnitCalls, UnitRunner
 from batchllm.engine.loop import EngineStats
+from batchllm.errors import Interrupted
+from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
-from batchllm.io.writer import RunDir, result_table
+from batchllm.io.writer import RunDir
+from batchllm.job.counters import RowCounts
+from batchllm.job.executor import Executor, LocalExecutor
 from batchllm.job.fence import claim
-from batchllm.job.interrupt import Interrupted, StopRequest
+from batchllm.job.interrupt import StopRequest
 from batchllm.job.progress import RowProgress
-from batchllm.job.results import RowBlock, UnitStats, error_table
-from batchllm.job.units import PlannedRows, WorkUnit, split_plan
+from batchllm.job.report import GROUP_KEYS
+from batchllm.job.rows import RowBlock
+from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
+from batchllm.job.units import PlannedRows, split_plan
 from batchllm.job.windows import Window, read_windows, row_keys
 from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats, make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
-from batchllm.testing.faults import crash_point
-
-log = logging.getLogger("batchllm")
-
-
-class Executor(Protocol):
-    """Runs a window's work units: ``LocalExecutor`` in this process, ``RayExecutor`` on Ray workers."""
-
-    workers: int
-    retries: int  # units run again because their worker died
-    device: str
-    dtype: str
-
-    def run(self, units: list[WorkUnit], calls: UnitCalls, on_done: Callable[[UnitStats], None]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
 class RunOutcome:
+    """What one attempt did."""
+
     rows: int = 0  # rows of the input
     rows_skipped: int = 0  # committed by an earlier attempt
-    rows_failed: int = 0  # in this attempt
-    prompt_tokens: int = 0
-    unique_prompt_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    plan_stats: list[PlanStats] = field(default_factory=list)
+    counts: RowCounts = field(default_factory=RowCounts)  # rows this attempt committed
+    plan_stats: list[PlanStats] = field(default_factory=list)  # one per window
     engine: EngineStats = field(default_factory=EngineStats)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of this attempt
     wall_seconds: float = 0.0
@@ -83,21 +64,23 @@ class RunOutcome:
     worker_retries: int = 0  # units run again because their worker died
     per_worker: dict[str, dict] = field(default_factory=dict)  # name -> rows, output_tokens, seconds, units
 
+    @property
+    def plan(self) -> PlanStats:
+        return PlanStats.combine(self.plan_stats)
+
     def phase(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
 def run(job: JobSpec, fresh: bool = False, stop: StopRequest | None = None) -> RunOutcome:
     """Runs (or resumes) the job. Raises Interrupted, with finished rows committed, once ``stop`` is set."""
-    return JobRunner(job, fresh, stop or StopRequest()).run()
+    return Job(job, fresh, stop or StopRequest()).run()
 
 
-class JobRunner:
+class Job:
     def __init__(self, job: JobSpec, fresh: bool, stop: StopRequest) -> None:
         self.t0 = time.perf_counter()
-        self.stop = stop
-        self.job = job
-        self.out = RunOutcome()
+        self.stop, self.job, self.out = stop, job, RunOutcome()
         self.distributed = job.ray_address is not None or (job.workers or 1) > 1
         if self.distributed:  # fail before any work when Ray is missing
             from batchllm.distributed.ray_executor import import_ray
@@ -113,15 +96,8 @@ class JobRunner:
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
         self.prompter = Prompter(tokenizer, job.prefix, job.chat)
-        settings = output_settings(job, model_path, getattr(tokenizer, "chat_template", None))
-        started = time.perf_counter()
-        self.out.resumed = check_or_write(job.run_dir, input_fingerprint(self.source), settings)
-        self.out.phase("read", time.perf_counter() - started)
-        self.owner = claim(job.run_dir)  # before reading what is committed: see fence.py
-        self.done = np.zeros(self.source.num_rows, dtype=bool)
-        self.done[self.run_dir.committed_row_indices()] = True
-        progress = WorkerProgress if self.distributed else RowProgress
-        self.progress = progress(self.source.num_rows, enabled=job.progress)
+        self._claim(output_settings(job, model_path, getattr(tokenizer, "chat_template", None)))
+        self.progress = self._progress()
         try:
             self.executor = self._executor(model_path, tokenizer)
         except BaseException:
@@ -129,21 +105,34 @@ class JobRunner:
             raise
         self.out.phase("load", time.perf_counter() - self.t0)
 
+    def _claim(self, settings: dict) -> None:
+        """Write (or check) the manifest, own the run directory, and read what is committed."""
+        started = time.perf_counter()
+        self.out.resumed = check_or_write(self.job.run_dir, input_fingerprint(self.source), settings)
+        self.out.phase("read", time.perf_counter() - started)
+        self.owner = claim(self.job.run_dir)  # before reading what is committed: see fence.py
+        self.done = np.zeros(self.source.num_rows, dtype=bool)
+        self.done[self.run_dir.committed_row_indices()] = True
+
+    def _progress(self) -> RowProgress:
+        if not self.distributed:
+            return RowProgress(self.source.num_rows, enabled=self.job.progress)
+        from batchllm.distributed.progress import WorkerProgress
+
+        return WorkerProgress(self.source.num_rows, enabled=self.job.progress)
+
     def _executor(self, model_path: Path, tokenizer) -> Executor:
         job = self.job
         if not self.distributed:
-            runner = UnitRunner(
-                job, self.run_dir, "local", model_path, self.mcfg, tokenizer, loader=load_model
-            )
-            return LocalExecutor(runner, self.progress)
+            worker = UnitWorker.open(job, self.run_dir, "local", model_path, self.mcfg, tokenizer, load_model)
+            return LocalExecutor(worker, self.progress)
         from batchllm.distributed.ray_executor import RayExecutor
 
         return RayExecutor(job, self.run_dir, self.metrics, self.progress, self.owner)
 
     def run(self) -> RunOutcome:
         out, job = self.out, self.job
-        out.rows = self.source.num_rows
-        out.rows_skipped = int(self.done.sum())
+        out.rows, out.rows_skipped = self.source.num_rows, int(self.done.sum())
         out.device, out.dtype, out.workers = self.executor.device, self.executor.dtype, self.executor.workers
         self.metrics.append(
             "attempt",
@@ -152,7 +141,7 @@ class JobRunner:
             resumed=out.resumed,
             workers=out.workers,
         )
-        self.progress.advance(out.rows_skipped, 0, 0)
+        self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
         windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
         try:
@@ -169,11 +158,7 @@ class JobRunner:
         finally:
             self.executor.close()
             self.progress.close()
-        started = time.perf_counter()
-        if out.rows == 0:
-            self.run_dir.commit(_empty_result(self.source))
-        self.run_dir.assemble(job.output, out.rows)
-        out.phase("write", time.perf_counter() - started)
+        self._write()
         self._end("done")
         return out
 
@@ -181,24 +166,22 @@ class JobRunner:
         job, out = self.job, self.out
         failed = window.failed()
         if failed.size:
-            self.run_dir.commit(error_table(RowBlock.of_window(window, failed)))
-            self._commit(int(failed.size), 0)
-        self.progress.advance(int(failed.size), 0, 0)
-        out.rows_failed += int(failed.size)
+            table = window.block(failed).error_table()
+            self.run_dir.commit(table)
+            counts = RowCounts.of_table(table)
+            self._committed(counts)
+            self.progress.advance(counts)
         runnable = window.runnable()
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
         out.plan_stats.append(plan.stats)
-        out.unique_prompt_tokens += plan.stats.unique_prompt_tokens
         keys = row_keys(job.sampling.seed, window.ids, runnable)
-        planned = PlannedRows(
-            RowBlock.of_window(window, runnable), prompts, keys, job.sampling.max_new_tokens
-        )
+        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
         out.phase("plan", time.perf_counter() - started)
-        calls = UnitCalls(should_stop=lambda: self.stop.requested, on_commit=self._commit)
+        calls = UnitCalls(should_stop=lambda: self.stop.requested, on_commit=self._committed)
         started = time.perf_counter()
         try:
             self.executor.run(units, calls, self._unit_done)
@@ -210,93 +193,50 @@ class JobRunner:
         out = self.out
         out.engine.add(stats.engine)
         if not self.distributed:
-            out.phase("prefill", stats.engine.prefill_seconds)
-            out.phase("decode", stats.engine.decode_seconds)
+            out.phase("prompt_steps", stats.engine.prompt_step_seconds)
+            out.phase("decode_steps", stats.engine.decode_step_seconds)
         out.preemptions += stats.preemptions
         out.peak_kv_blocks = max(out.peak_kv_blocks, stats.peak_kv_blocks)
         out.kv_blocks = max(out.kv_blocks, stats.kv_blocks)
-        out.prompt_tokens += stats.prompt_tokens
-        out.cached_tokens += stats.cached_tokens
-        out.output_tokens += stats.output_tokens
         mine = out.per_worker.setdefault(
             stats.worker, {"rows": 0, "output_tokens": 0, "seconds": 0.0, "units": 0}
         )
-        mine["rows"] += stats.rows
-        mine["output_tokens"] += stats.output_tokens
+        mine["rows"] += stats.counts.rows
+        mine["output_tokens"] += stats.counts.output_tokens
         mine["seconds"] += stats.seconds
         mine["units"] += 1
         self.metrics.append(
-            "unit",
-            unit=stats.unit_id,
-            worker=stats.worker,
-            rows=stats.rows,
-            prompt_tokens=stats.prompt_tokens,
-            output_tokens=stats.output_tokens,
-            prefill_tokens_computed=stats.engine.prefill_tokens,
-            seconds=stats.seconds,
-        )
+            "unit", unit=stats.unit_id, worker=stats.worker, **stats.counts.as_dict(),
+            prefill_tokens_computed=stats.engine.prefill_tokens, seconds=stats.seconds,
+        )  # fmt: skip
 
-    def _commit(self, rows: int, output_tokens: int, unit_prefill: int = 0) -> None:
+    def _committed(self, counts: RowCounts, unit_prefill: int = 0) -> None:
         """After each shard (or each finished unit, from Ray workers): one metrics record, so a report
         can follow a run in progress."""
+        self.out.counts.add(counts)
         e = self.out.engine
         self.metrics.append(
-            "commit",
-            rows=rows,
-            output_tokens=output_tokens,
-            prefill_tokens_computed=e.prefill_tokens + unit_prefill,
-            elapsed=time.perf_counter() - self.t0,
-            kv_blocks_used=e.kv_samples[-1][1] if e.kv_samples else 0,
-        )
+            "commit", **counts.as_dict(), prefill_tokens_computed=e.prefill_tokens + unit_prefill,
+            elapsed=time.perf_counter() - self.t0, kv_blocks_used=e.kv_samples[-1][1] if e.kv_samples else 0,
+        )  # fmt: skip
         crash_point("commit")
+
+    def _write(self) -> None:
+        started = time.perf_counter()
+        if self.out.rows == 0:
+            self.run_dir.commit(RowBlock.empty(self.source).error_table())
+        self.run_dir.assemble(self.job.output, self.out.rows)
+        self.out.phase("write", time.perf_counter() - started)
 
     def _end(self, status: str) -> None:
         out = self.out
         out.wall_seconds = time.perf_counter() - self.t0
         out.worker_retries = self.executor.retries
-        e = out.engine
+        e, plan = out.engine, out.plan.to_dict()
         self.metrics.append(
-            "end",
-            status=status,
-            wall_seconds=out.wall_seconds,
-            phases=out.phases,
-            unique_prompt_tokens=out.unique_prompt_tokens,
-            prefill_tokens_computed=e.prefill_tokens,
-            preemptions=out.preemptions,
-            peak_kv_blocks=out.peak_kv_blocks,
-            kv_blocks=out.kv_blocks,
-            **_group_stats(out.plan_stats),
-            kv_samples=e.kv_samples[-2000:],
-            workers=out.per_worker,
+            "end", status=status, wall_seconds=out.wall_seconds, phases=out.phases,
+            unique_prompt_tokens=plan["unique_prompt_tokens"], prefill_tokens_computed=e.prefill_tokens,
+            preemptions=out.preemptions, peak_kv_blocks=out.peak_kv_blocks, kv_blocks=out.kv_blocks,
+            **{k: plan[k] for k in GROUP_KEYS}, kv_samples=e.kv_samples[-2000:], workers=out.per_worker,
             worker_retries=out.worker_retries,
-        )
-
-
-def _group_stats(stats: list[PlanStats]) -> dict:
-    """The windows' group statistics combined (means weighted by groups / rows)."""
-    groups = sum(s.groups for s in stats)
-    reps = sum(s.rows - s.duplicate_rows for s in stats)
-    return {
-        "groups": groups,
-        "avg_sharing_degree": sum(s.avg_sharing_degree * s.groups for s in stats) / groups if groups else 0.0,
-        "avg_prefix_tokens": sum(s.avg_prefix_tokens * s.groups for s in stats) / groups if groups else 0.0,
-        "avg_distinct_tokens": sum(s.avg_distinct_tokens * (s.rows - s.duplicate_rows) for s in stats) / reps
-        if reps
-        else 0.0,
-        "duplicate_rows": sum(s.duplicate_rows for s in stats),
-        "max_tree_depth": max((s.max_tree_depth for s in stats), default=0),
-    }
-
-
-def _empty_result(source) -> pa.Table:
-    """A zero-row shard, so that an empty input still assembles an output with the right columns
-    and types (an empty JSONL file is refused when opened, so only Parquet gets here)."""
-    schema = pq.read_schema(source.path) if source.path.suffix == ".parquet" else pa.schema([])
-    typed = {f.name: f.type for f in schema}
-    id_type = typed.get(source.id_column, pa.int64()) if source.id_column else pa.int64()
-    keep_schema = pa.schema([(c, typed.get(c, pa.null())) for c in source.keep_columns])
-    keep = keep_schema.empty_table() if source.keep_columns else None
-    no_ints = np.empty(0, np.int32)
-    return result_table(
-        np.empty(0, np.int64), pa.array([], id_type), keep, [], no_ints, no_ints, no_ints, [], []
-    )
+        )  # fmt: skip

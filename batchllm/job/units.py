@@ -19,9 +19,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from batchllm.job.results import RowBlock
+from batchllm.job.rows import RowBlock
+from batchllm.prefix_tree.nodes import node_levels, subtree_reduce
 from batchllm.prefix_tree.plan import Plan
-from batchllm.scheduler.seq import SeqKind, Sequence
+from batchllm.scheduler.block_pool import blocks_for
+from batchllm.scheduler.seq import Seq
 
 UNITS_PER_WORKER = 4  # enough pieces that handing out the biggest first balances the workers
 MAX_REPEAT = 0.25  # most repeated prefix tokens a cut may add, as a fraction of the group's work
@@ -51,10 +53,14 @@ class WorkUnit:
 
     @property
     def depth(self) -> int:
-        level = np.zeros(len(self.node_parent), dtype=np.int64)
-        for n in range(1, len(level)):  # parents come first
-            level[n] = level[self.node_parent[n]] + 1
-        return int(level.max())
+        return int(node_levels(self.node_parent).max())
+
+    def kv_blocks(self, block_size: int, max_new_tokens: int) -> tuple[int, int]:
+        """(blocks to hold all the unit at once, blocks the longest row needs beside its prefixes)."""
+        rows = [blocks_for(len(p) + max_new_tokens, block_size) for p in self.token_ids]
+        needed = sum(rows) + 2 * self.num_groups + 1
+        least = max(rows, default=0) + self.depth + 1
+        return needed, least
 
     def duplicates(self) -> dict[int, list[int]]:
         """Representative -> the rows that copy its output."""
@@ -92,33 +98,29 @@ class WorkUnit:
         )
 
 
-def unit_sequences(unit: WorkUnit) -> Iterator[Sequence]:
+def unit_sequences(unit: WorkUnit) -> Iterator[Seq]:
     """Engine work in execution order: each shared prefix just before the first row beneath it.
 
-    A row's ``seq_id`` is its unit-local index, a prefix's its unit node id."""
-    pending = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
-    for n in range(len(pending) - 1, 0, -1):  # children come after their parents
-        pending[unit.node_parent[n]] += pending[n]
-    nodes: dict[int, Sequence] = {}
+    A row's ``index`` is its unit-local row, a prefix's its unit node id."""
+    direct = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
+    pending = subtree_reduce(unit.node_parent, direct)
+    nodes: dict[int, Seq] = {}
 
-    def node_seq(node_id: int) -> Iterator[Sequence]:
+    def node_seq(node_id: int) -> Iterator[Seq]:
         if node_id == 0 or node_id in nodes:
             return
         parent = int(unit.node_parent[node_id])
         yield from node_seq(parent)
-        tokens = unit.node_tokens[node_id].tolist()
-        seq = Sequence(node_id, SeqKind.PREFIX, tokens, len(tokens), parent=nodes.get(parent))
-        seq.pending_rows = int(pending[node_id])
+        seq = Seq.prefix(
+            node_id, unit.node_tokens[node_id].tolist(), nodes.get(parent), int(pending[node_id])
+        )
         nodes[node_id] = seq
         yield seq
 
     for row in unit.order.tolist():
         node_id = int(unit.row_node[row])
         yield from node_seq(node_id)
-        tokens = unit.token_ids[row].tolist()
-        yield Sequence(
-            row, SeqKind.ROW, tokens, len(tokens), parent=nodes.get(node_id), sample_key=unit.keys[row]
-        )
+        yield Seq.row(row, unit.token_ids[row].tolist(), nodes.get(node_id), unit.keys[row])
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,18 +152,18 @@ class _Cut:
         self.plan = plan
         length, parent = plan.node_length, plan.node_parent
         self.edge = length - length[np.maximum(parent, 0)]
+        self.edge[0] = 0
         pos_node = plan.row_node[plan.row_order]
         self.row_work = plan.seqs.lengths[plan.row_order] - length[pos_node] + max_new
         # below[v]: the work beneath v's own prefix: its rows, and its descendants' edges
-        self.below = np.bincount(pos_node, weights=self.row_work, minlength=plan.num_nodes).astype(np.int64)
-        self.first = np.full(plan.num_nodes, len(pos_node), dtype=np.int64)
-        np.minimum.at(self.first, pos_node, np.arange(len(pos_node)))
+        direct = np.bincount(pos_node, weights=self.row_work, minlength=plan.num_nodes).astype(np.int64)
+        self.below = subtree_reduce(parent, direct + self.edge) - self.edge
+        first = np.full(plan.num_nodes, len(pos_node), dtype=np.int64)
+        np.minimum.at(first, pos_node, np.arange(len(pos_node)))
+        self.first = subtree_reduce(parent, first, np.minimum)
         self.children: list[list[int]] = [[] for _ in range(plan.num_nodes)]
         for v in range(plan.num_nodes - 1, 0, -1):  # preorder: children after parents
-            p = int(parent[v])
-            self.below[p] += self.below[v] + self.edge[v]
-            self.first[p] = min(self.first[p], self.first[v])
-            self.children[p].append(v)
+            self.children[int(parent[v])].append(v)
         counts = np.bincount(pos_node, minlength=plan.num_nodes)
         self.direct = np.split(np.argsort(pos_node, kind="stable"), np.cumsum(counts)[:-1])
         self.total = int(self.below[0])

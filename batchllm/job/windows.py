@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from batchllm.engine.sampling import row_key
 from batchllm.io.prompts import Prompter
-from batchllm.io.reader import InputSource
+from batchllm.io.source import InputSource
+from batchllm.job.rows import RowBlock
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ class Window:
     @property
     def num_failed(self) -> int:
         return len(self.failed())
+
+    def block(self, rows: np.ndarray) -> RowBlock:
+        """Window-local ``rows`` (int64) as output rows."""
+        take = pa.array(rows, type=pa.int64())
+        lengths = [0 if self.token_ids[i] is None else len(self.token_ids[i]) for i in rows.tolist()]
+        return RowBlock(
+            row_index=rows.astype(np.int64) + self.start,
+            ids=self.ids.take(take),
+            keep=None if self.keep is None else self.keep.take(take),
+            prompt_tokens=np.asarray(lengths, dtype=np.int32),
+            errors=[self.errors[i] for i in rows.tolist()],
+        )
 
 
 def read_windows(

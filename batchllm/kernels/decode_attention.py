@@ -20,18 +20,17 @@ import triton
 import triton.language as tl
 
 from batchllm.kernels.merge import LN2, merge_state_stack
-from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
+from batchllm.kernels.metadata import AttentionMetadata, auto_splits
 from batchllm.kernels.prefill_attention import (
     BLOCK_N,
     LOG2E,
     MIN_DOT,
     attend_paged_range,
-    check_paged_inputs,
+    check_decode_inputs,
     needs_f32_dot,
 )
 
 SHARED_BLOCK_M = 64
-MIN_SPLIT_TOKENS = 256  # a shared-prefix KV split shorter than this costs more to merge than it saves
 
 
 @triton.jit
@@ -232,7 +231,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Per-row paged decode: each row reads its whole context on its own (the baseline)."""
-    q = _check_decode_inputs(q, k_cache, v_cache, meta)
+    q = check_decode_inputs(q, k_cache, v_cache, meta)
     out = torch.empty_like(q)
     num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
@@ -261,7 +260,7 @@ def prefix_decode_attention(
 
     ``num_splits`` cuts each group's prefix into that many KV splits (None: enough to fill the GPU).
     """
-    q = _check_decode_inputs(q, k_cache, v_cache, meta)
+    q = check_decode_inputs(q, k_cache, v_cache, meta)
     groups = meta.decode_groups
     if groups is None:
         raise ValueError("prefix_decode_attention needs meta.decode_groups; use paged_decode_attention")
@@ -277,13 +276,13 @@ def prefix_decode_attention(
     num_groups = groups.shared_blocks.shape[0]
     row_tiles = triton.cdiv(max(groups.max_group_size, 1), rows_per_tile)
     if num_splits is None:
-        num_splits = _auto_splits(q.device, num_groups * row_tiles * num_kv_heads, meta.max_seq_len)
+        num_splits = auto_splits(q.device, num_groups * row_tiles * num_kv_heads, meta.max_seq_len)
     part_out = torch.empty((num_splits + 1, *q.shape), dtype=torch.float32, device=q.device)
     part_lse = torch.full((num_splits + 1, num_seqs, num_heads), float("-inf"), device=q.device)
     num_shared_programs = num_groups * row_tiles * num_splits
     _prefix_decode_kernel[(num_shared_programs + num_seqs, num_kv_heads)](
         part_out, part_lse, q, k_cache, v_cache, meta.seq_lens, meta.block_tables,
-        groups.group_start_loc, groups.shared_blocks, _row_shared_blocks(groups, num_seqs),
+        groups.group_start_loc, groups.shared_blocks, groups.row_shared_blocks(num_seqs),
         num_shared_programs, row_tiles, num_splits,
         q.stride(0), q.stride(1), meta.block_tables.stride(0), *k_cache.stride(),
         *part_out.stride()[:3], *part_lse.stride(), scale * LOG2E,
@@ -293,32 +292,3 @@ def prefix_decode_attention(
         F32_DOT=needs_f32_dot(_prefix_decode_kernel, q.dtype),
     )  # fmt: skip
     return merge_state_stack(part_out, part_lse, out=torch.empty_like(q)).out
-
-
-def _row_shared_blocks(groups: DecodeGroups, num_seqs: int) -> torch.Tensor:
-    """``shared_blocks`` of each row's group, 0 for rows outside every group; no host sync."""
-    starts, shared = groups.group_start_loc, groups.shared_blocks
-    if shared.shape[0] == 0:
-        return torch.zeros(num_seqs, dtype=torch.int32, device=starts.device)
-    rows = torch.arange(num_seqs, device=starts.device, dtype=starts.dtype)
-    group_of_row = torch.searchsorted(starts[1:].contiguous(), rows, right=True)
-    in_group = (rows >= starts[0]) & (group_of_row < shared.shape[0])
-    return torch.where(in_group, shared[group_of_row.clamp(max=shared.shape[0] - 1)], 0).to(torch.int32)
-
-
-def _auto_splits(device: torch.device, programs_per_split: int, max_seq_len: int) -> int:
-    """Enough prefix splits for about two programs per SM, none shorter than MIN_SPLIT_TOKENS."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, max(programs_per_split, 1))
-    return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS))
-
-
-def _check_decode_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    check_paged_inputs(q, k_cache, v_cache, meta)
-    if not meta.is_decode or q.shape[0] != meta.num_seqs:
-        raise ValueError("decode attention needs exactly one new token per sequence (max_query_len == 1)")
-    return q if q.stride(-1) == 1 else q.contiguous()

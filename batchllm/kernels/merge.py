@@ -109,16 +109,3 @@ def merge_state_stack(
         HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
     )  # fmt: skip
     return AttentionState(out, lse)
-
-
-def merge_states(a: AttentionState, b: AttentionState) -> AttentionState:
-    """Merge two partial states of the same tokens over disjoint positions (e.g. prefix and suffix).
-
-    Stacks the two parts first (a copy); callers with many parts should fill one stack and call
-    ``merge_state_stack``.
-    """
-    if a.out.shape != b.out.shape or a.lse.shape != b.lse.shape or a.out.dtype != b.out.dtype:
-        raise ValueError(
-            f"states differ: {tuple(a.out.shape)} {a.out.dtype} vs {tuple(b.out.shape)} {b.out.dtype}"
-        )
-    return merge_state_stack(torch.stack([a.out, b.out]), torch.stack([a.lse, b.lse]))

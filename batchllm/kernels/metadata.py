@@ -35,6 +35,16 @@ class DecodeGroups:
     group_start_cpu: tuple[int, ...] = ()  # host copies, so torch paths loop without a device sync
     shared_blocks_cpu: tuple[int, ...] = ()
 
+    def row_shared_blocks(self, num_seqs: int) -> torch.Tensor:
+        """int32 [num_seqs]: ``shared_blocks`` of each row's group, 0 outside every group; no host sync."""
+        starts, shared = self.group_start_loc, self.shared_blocks
+        if shared.shape[0] == 0:
+            return torch.zeros(num_seqs, dtype=torch.int32, device=starts.device)
+        rows = torch.arange(num_seqs, device=starts.device, dtype=starts.dtype)
+        group_of_row = torch.searchsorted(starts[1:].contiguous(), rows, right=True)
+        in_group = (rows >= starts[0]) & (group_of_row < shared.shape[0])
+        return torch.where(in_group, shared[group_of_row.clamp(max=shared.shape[0] - 1)], 0).to(torch.int32)
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -46,12 +56,25 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: tuple[int, ...]  # host copies, so loops need no device sync
     seq_lens_cpu: tuple[int, ...]
-    decode_groups: DecodeGroups | None = None  # set only when every query length is 1
+    decode_groups: DecodeGroups | None = None  # set only when one_token_each
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
 
     @property
-    def is_decode(self) -> bool:
+    def one_token_each(self) -> bool:
+        """Every sequence has exactly one new token: decode rows, and prompts' one-token chunks."""
         return self.max_query_len == 1
+
+
+MIN_SPLIT_TOKENS = 256  # a shared-prefix KV split shorter than this costs more to merge than it saves
+
+
+def auto_splits(device: torch.device, programs_per_split: int, max_seq_len: int) -> int:
+    """Prefix KV splits for decode: about two programs per SM, none shorter than MIN_SPLIT_TOKENS."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * sms // max(programs_per_split, 1))
+    return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS))

@@ -213,3 +213,13 @@ def check_paged_inputs(
         raise ValueError(f"block_tables must be int32 [{meta.num_seqs}, max_blocks_per_seq]")
     if len({t.device for t in (q, k_cache, v_cache, meta.block_tables, meta.seq_lens)}) != 1:
         raise ValueError("q, the caches and the metadata tensors must be on one device")
+
+
+def check_decode_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """``check_paged_inputs``, and exactly one new token per sequence; q with a contiguous last dim."""
+    check_paged_inputs(q, k_cache, v_cache, meta)
+    if not meta.one_token_each or q.shape[0] != meta.num_seqs:
+        raise ValueError("decode attention needs exactly one new token per sequence (max_query_len == 1)")
+    return q if q.stride(-1) == 1 else q.contiguous()

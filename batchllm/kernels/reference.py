@@ -9,6 +9,7 @@ import torch
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.torch_merge import merge_attention_states
 
 
 def store_kv_ref(
@@ -80,20 +81,6 @@ def paged_attention_ref(
     return out
 
 
-def merge_states_ref(
-    a: tuple[torch.Tensor, torch.Tensor],  # (out [T, H, D], lse [T, H])
-    b: tuple[torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:  # out float32, lse
-    (out_a, lse_a), (out_b, lse_b) = a, b
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w_a = torch.where(finite, torch.exp(lse_a - safe), 0.0)[..., None]
-    w_b = torch.where(finite, torch.exp(lse_b - safe), 0.0)[..., None]
-    out = out_a.float().nan_to_num(0.0) * w_a + out_b.float().nan_to_num(0.0) * w_b
-    return out, lse
-
-
 def prefix_decode_ref(
     q: torch.Tensor,  # [num_seqs, num_heads, head_dim], one new token per row
     kv_cache: KVCache,
@@ -126,6 +113,6 @@ def prefix_decode_ref(
         v = gather_kv_ref(v_cache, meta.block_tables[row], own)
         state = attention_state_ref(q[row : row + 1], k, v, scale)
         if row in shared_states:
-            state = merge_states_ref(shared_states[row], state)
+            state = merge_attention_states(shared_states[row], state)
         result[row] = state[0][0].to(q.dtype)
     return result

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.metadata import AttentionMetadata
-from batchllm.kernels.reference import merge_states_ref
+from batchllm.kernels.torch_merge import merge_attention_states
 
 # Elements of K gathered at once in the decode path; bounds its padded copy of the context.
 _DECODE_GATHER_ELEMENTS = 1 << 27
@@ -37,9 +37,13 @@ class TorchAttention:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode and meta.decode_groups is not None and any(meta.decode_groups.shared_blocks_cpu):
+        if (
+            meta.one_token_each
+            and meta.decode_groups is not None
+            and any(meta.decode_groups.shared_blocks_cpu)
+        ):
             return cascade_decode_attention(q, k_cache, v_cache, meta, scale)
-        if meta.is_decode:
+        if meta.one_token_each:
             return decode_attention(q, k_cache, v_cache, meta, scale)
         return varlen_attention(q, k_cache, v_cache, meta, scale)
 
@@ -175,7 +179,7 @@ def cascade_decode_attention(
         scores = torch.einsum("nkgd,kld->nkgl", qg[lo:hi], keys) * scale
         p_lse = scores.logsumexp(-1)  # [n, kv_heads, group]
         p_out = torch.einsum("nkgl,kld->nkgd", (scores - p_lse[..., None]).exp(), values)
-        out[lo:hi], lse[lo:hi] = merge_states_ref((out[lo:hi], lse[lo:hi]), (p_out, p_lse))
+        out[lo:hi], lse[lo:hi] = merge_attention_states((out[lo:hi], lse[lo:hi]), (p_out, p_lse))
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

@@ -34,7 +34,7 @@ class TritonAttention:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]}")
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if not meta.is_decode:
+        if not meta.one_token_each:
             return prefill_attention(q, k_cache, v_cache, meta, scale)
         if meta.decode_groups is not None:
             return prefix_decode_attention(q, k_cache, v_cache, meta, scale)

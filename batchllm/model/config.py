@@ -52,7 +52,6 @@ class ModelConfig:
     bos_token_id: int | None
     o_proj_bias: bool = False  # Llama/Qwen3 attention_bias also covers o_proj; Qwen2's bias does not
     initializer_range: float = 0.02
-    checkpoint_dtype: str | None = None  # e.g. "bfloat16", as the checkpoint declares it
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -109,7 +108,6 @@ def load_model_config(path: Path) -> ModelConfig:
     theta, scaling = _rope(hf)
     is_qwen2 = architecture == "Qwen2ForCausalLM"
     bias = True if is_qwen2 else bool(getattr(hf, "attention_bias", False))
-    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     return ModelConfig(
         architecture=architecture,
         vocab_size=hf.vocab_size,
@@ -130,7 +128,6 @@ def load_model_config(path: Path) -> ModelConfig:
         bos_token_id=getattr(hf, "bos_token_id", None),
         o_proj_bias=bias and not is_qwen2,
         initializer_range=float(getattr(hf, "initializer_range", None) or 0.02),
-        checkpoint_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
     )
 
 

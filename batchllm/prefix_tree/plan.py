@@ -22,25 +22,15 @@ contiguous in `row_order`, so its KV is live only while its subtree runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from batchllm.prefix_tree.nodes import by_level, node_levels, subtree_reduce
 from batchllm.prefix_tree.seqs import TokenSeqs, ragged_equal, require
 from batchllm.prefix_tree.tree import PrefixTree
 
 DEFAULT_MIN_SAVING_TOKENS = 32
-ORDERS = ("dfs", "ratio")
-
-
-@dataclass(frozen=True)
-class PrefixNode:
-    node_id: int
-    parent: int | None  # None only for the root
-    length: int  # tokens from the start of the prompt to the end of this prefix
-    source_row: int  # a row whose first `length` tokens are this prefix
-    num_rows: int  # representative rows attached at or beneath this node
 
 
 @dataclass(frozen=True)
@@ -60,6 +50,33 @@ class PlanStats:
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
+    @staticmethod
+    def combine(stats: list[PlanStats]) -> PlanStats:
+        """Several plans (one per window) as one: sums, and means weighted by groups or representatives."""
+        groups = sum(s.groups for s in stats)
+        reps = sum(s.rows - s.duplicate_rows for s in stats)
+        prompt = sum(s.prompt_tokens for s in stats)
+        planned = sum(s.prefill_tokens_planned for s in stats)
+
+        def mean(name: str, weight: str) -> float:
+            total = groups if weight == "groups" else reps
+            weights = [s.groups if weight == "groups" else s.rows - s.duplicate_rows for s in stats]
+            return sum(getattr(s, name) * w for s, w in zip(stats, weights)) / total if total else 0.0
+
+        return PlanStats(
+            rows=sum(s.rows for s in stats),
+            prompt_tokens=prompt,
+            unique_prompt_tokens=sum(s.unique_prompt_tokens for s in stats),
+            prefill_tokens_planned=planned,
+            saving_ratio=1.0 - planned / prompt if prompt else 0.0,
+            groups=groups,
+            avg_sharing_degree=mean("avg_sharing_degree", "groups"),
+            avg_prefix_tokens=mean("avg_prefix_tokens", "groups"),
+            avg_distinct_tokens=mean("avg_distinct_tokens", "reps"),
+            duplicate_rows=sum(s.duplicate_rows for s in stats),
+            max_tree_depth=max((s.max_tree_depth for s in stats), default=0),
+        )
+
 
 @dataclass(frozen=True, eq=False)
 class Plan:
@@ -67,7 +84,7 @@ class Plan:
 
     seqs: TokenSeqs
     node_length: np.ndarray  # int64 [num_nodes]
-    node_parent: np.ndarray  # int64 [num_nodes]; -1 only at the root (node() gives None)
+    node_parent: np.ndarray  # int64 [num_nodes]; -1 only at the root
     node_source_row: np.ndarray  # int64 [num_nodes]
     node_num_rows: np.ndarray  # int64 [num_nodes]
     row_order: np.ndarray  # int64 [num_representatives]: execution order, depth first
@@ -78,19 +95,6 @@ class Plan:
     @property
     def num_nodes(self) -> int:
         return int(self.node_length.size)
-
-    def node(self, i: int) -> PrefixNode:
-        parent = int(self.node_parent[i])
-        return PrefixNode(
-            i,
-            None if parent < 0 else parent,
-            int(self.node_length[i]),
-            int(self.node_source_row[i]),
-            int(self.node_num_rows[i]),
-        )
-
-    def iter_nodes(self) -> Iterator[PrefixNode]:
-        return (self.node(i) for i in range(self.num_nodes))
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless the plan is consistent with itself and with `seqs`."""
@@ -112,18 +116,18 @@ class Plan:
 
     def _check_contiguous(self) -> None:
         rows = self.row_order
-        level = _levels(self.node_parent)
+        parent, level = self.node_parent, node_levels(self.node_parent)
         pos = np.arange(rows.size)
-        count = _subtree(
-            self.node_parent, level, np.bincount(self.row_node[rows], minlength=self.num_nodes), np.add
+        count = subtree_reduce(
+            parent, np.bincount(self.row_node[rows], minlength=self.num_nodes), level=level
         )
         big = np.iinfo(np.int64).max
         first = np.full(self.num_nodes, big)
         last = np.full(self.num_nodes, -1)
         np.minimum.at(first, self.row_node[rows], pos)
         np.maximum.at(last, self.row_node[rows], pos)
-        first = _subtree(self.node_parent, level, first, np.minimum)
-        last = _subtree(self.node_parent, level, last, np.maximum)
+        first = subtree_reduce(parent, first, np.minimum, level)
+        last = subtree_reduce(parent, last, np.maximum, level)
         require(np.array_equal(count, self.node_num_rows), "num_rows must count the rows beneath")
         has = count > 0
         require(bool(np.all(last[has] - first[has] + 1 == count[has])), "a group's rows must be contiguous")
@@ -150,12 +154,11 @@ def make_plan(
     sharing: bool = True,
     min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
     dedup: bool = True,
-    order: str = "dfs",
 ) -> Plan:
     """Plan `seqs`: build the global prefix tree, then `plan_tree`. Rows must not be empty."""
-    _check_options(min_saving_tokens, order)  # before the build, which is the slow part
+    _check_options(min_saving_tokens)  # before the build, which is the slow part
     return plan_tree(
-        PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup, order=order
+        PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup
     )
 
 
@@ -165,15 +168,10 @@ def plan_tree(
     sharing: bool = True,
     min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
     dedup: bool = True,
-    order: str = "dfs",
 ) -> Plan:
-    """Choose groups on an already built tree (see the module docstring for the rule).
-
-    order="dfs": lexicographic, i.e. depth first. order="ratio": BatchLLM's within-group order,
-    depth first too, but inside each group its own rows first, shortest distinct suffix first
-    (the largest decode/prefill ratio when every row has the same max_new_tokens).
-    """
-    _check_options(min_saving_tokens, order)
+    """Choose groups on an already built tree (see the module docstring for the rule); rows run in
+    lexicographic order, which is depth first."""
+    _check_options(min_saving_tokens)
     n = tree.num_rows
     dup = tree.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
     is_rep = dup == np.arange(n)
@@ -189,18 +187,14 @@ def plan_tree(
     parent = np.where(idx > 0, plan_id[np.maximum(above[idx], 0)], -1)
     row_node = plan_id[above[tree.row_leaf]]
     length = tree.node_length[idx]
-    row_order = _row_order(
-        tree.order[is_rep[tree.order]], tree.seqs.lengths - length[row_node], row_node, order
-    )
+    row_order = tree.order[is_rep[tree.order]]
     stats = _stats(tree, length, parent, num_rows, row_node, dup)
     return Plan(tree.seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
 
 
-def _check_options(min_saving_tokens: int, order: str) -> None:
+def _check_options(min_saving_tokens: int) -> None:
     if min_saving_tokens < 0:
         raise ValueError(f"min_saving_tokens must be >= 0, got {min_saving_tokens}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
 
 
 def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray:
@@ -209,7 +203,7 @@ def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray
     edge = length - length[np.maximum(parent, 0)]
     units = np.zeros(tree.num_nodes, dtype=np.int64)
     chosen = np.zeros(tree.num_nodes, dtype=bool)
-    for v in reversed(_by_level(tree.node_level)[1:]):
+    for v in reversed(by_level(tree.node_level)[1:]):
         take = (units[v] - 1) * edge[v] > min_saving
         chosen[v] = take
         np.add.at(units, parent[v], np.where(take, 1, units[v]) + ending[v])
@@ -219,18 +213,10 @@ def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray
 def _chosen_above(tree: PrefixTree, chosen: np.ndarray) -> np.ndarray:
     """int64 [num_nodes]: nearest chosen proper ancestor of each node (-1 for the root)."""
     above = np.full(tree.num_nodes, -1, dtype=np.int64)
-    for v in _by_level(tree.node_level)[1:]:
+    for v in by_level(tree.node_level)[1:]:
         p = tree.node_parent[v]
         above[v] = np.where(chosen[p], p, above[p])
     return above
-
-
-def _row_order(sorted_reps: np.ndarray, distinct: np.ndarray, row_node: np.ndarray, order: str):
-    if order == "dfs":
-        return sorted_reps
-    # Node ids are preorder, so sorting by node keeps every subtree contiguous.
-    key = np.lexsort((np.arange(sorted_reps.size), distinct[sorted_reps], row_node[sorted_reps]))
-    return sorted_reps[key]
 
 
 def _stats(tree, length, parent, num_rows, row_node, dup) -> PlanStats:
@@ -252,7 +238,7 @@ def _stats(tree, length, parent, num_rows, row_node, dup) -> PlanStats:
         avg_prefix_tokens=float(length[1:].mean()) if groups else 0.0,
         avg_distinct_tokens=float(distinct.mean()) if reps.size else 0.0,
         duplicate_rows=int(dup.size - reps.size),
-        max_tree_depth=int(_levels(parent).max()),
+        max_tree_depth=int(node_levels(parent).max()),
     )
 
 
@@ -260,28 +246,3 @@ def _planned_tokens(plan: Plan, reps: np.ndarray) -> int:
     length, parent = plan.node_length, plan.node_parent
     distinct = plan.seqs.lengths[reps] - length[plan.row_node[reps]]
     return int((length[1:] - length[parent[1:]]).sum() + distinct.sum())
-
-
-def _by_level(level: np.ndarray) -> list[np.ndarray]:
-    """Node ids grouped by level: element l holds the nodes at nesting depth l."""
-    ids = np.argsort(level, kind="stable")
-    bounds = np.searchsorted(level[ids], np.arange(int(level.max()) + 2))
-    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _levels(parent: np.ndarray) -> np.ndarray:
-    """int64 [num_nodes]: nesting depth of each node by pointer jumping (log(depth) steps)."""
-    up = np.where(parent < 0, np.arange(parent.size), parent)
-    level = (parent >= 0).astype(np.int64)
-    while np.any(up[up] != up):
-        level = level + level[up]  # the root's own level is 0, so roots add nothing
-        up = up[up]
-    return level
-
-
-def _subtree(parent: np.ndarray, level: np.ndarray, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
-    """Reduce `values` over each node's subtree (children folded into parents, deepest first)."""
-    out = values.copy()
-    for v in reversed(_by_level(level)[1:]):
-        ufunc.at(out, parent[v], out[v])
-    return out

@@ -35,7 +35,7 @@ class PrefixTree:
     seqs: TokenSeqs
     order: np.ndarray  # int64 [num_rows]: rows in lexicographic order
     node_length: np.ndarray  # int64 [num_nodes]: tokens from the prompt start to the node
-    node_parent: np.ndarray  # int64 [num_nodes]: parent node; -1 only at the root (see parent())
+    node_parent: np.ndarray  # int64 [num_nodes]: parent node; -1 only at the root
     node_level: np.ndarray  # int64 [num_nodes]: nesting depth, root 0
     node_lo: np.ndarray  # int64 [num_nodes]: first position in `order` of the node's rows
     node_hi: np.ndarray  # int64 [num_nodes]: one past the last such position
@@ -78,13 +78,6 @@ class PrefixTree:
     def unique_prompt_tokens(self) -> int:
         """Distinct non-empty prefixes of all prompts: the fewest tokens any engine must prefill."""
         return int((self.node_length[1:] - self.node_length[self.node_parent[1:]]).sum())
-
-    def parent(self, node: int) -> int | None:
-        p = int(self.node_parent[node])
-        return None if p < 0 else p
-
-    def prefix(self, node: int) -> np.ndarray:
-        return self.seqs.row(int(self.node_row[node]))[: int(self.node_length[node])]
 
     def duplicate_of(self) -> np.ndarray:
         """int64 [num_rows]: for each row the smallest row index with the identical prompt."""

@@ -7,6 +7,11 @@ from collections import deque
 import numpy as np
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class BlockPool:
     """Hands out block ids; a block returns to the free list when its last reference is released."""
 

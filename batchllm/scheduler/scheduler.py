@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from batchllm.scheduler.block_pool import BlockPool
-from batchllm.scheduler.seq import SeqKind, Sequence
+from batchllm.scheduler.block_pool import BlockPool, blocks_for
+from batchllm.scheduler.seq import Seq, SeqKind
 
 
 @dataclass(frozen=True)
 class Chunk:
-    seq: Sequence
+    seq: Seq
     start: int  # first position computed in this step (== seq.num_computed at schedule time)
     num_tokens: int
     sample: bool  # a row reaches its last known token: sample the next one
@@ -34,7 +34,9 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class Step:
+    """What one engine step computes: a chunk of new tokens for each of its sequences."""
+
     chunks: tuple[Chunk, ...]
     block_copies: tuple[tuple[int, int], ...]  # (src, dst): partial prefix blocks copied before the step
     prefill_tokens: int  # tokens computed for prompts (or recomputed after preemption), not decode
@@ -49,19 +51,20 @@ class Scheduler:
         self.block_size = block_size
         self.token_budget = token_budget
         self.max_running = max_running
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.live_prefixes: set[Sequence] = set()  # prefilled prefixes whose rows are not all done
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.live_prefixes: set[Seq] = set()  # prefilled prefixes whose rows are not all done
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         """Queue work in execution order (a prefix before the sequences beneath it)."""
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> Step:
+        """The next step: running sequences first, then waiting ones admitted in order."""
         budget = self.token_budget
         chunks: list[Chunk] = []
         copies: list[tuple[int, int]] = []
@@ -89,11 +92,11 @@ class Scheduler:
         if not chunks and self.has_work():
             raise RuntimeError("scheduler made no progress: the KV pool is too small for one sequence")
         prefill = sum(c.num_tokens - (1 if c.sample and c.end > c.seq.prompt_len else 0) for c in chunks)
-        return StepPlan(tuple(chunks), tuple(copies), prefill)
+        return Step(tuple(chunks), tuple(copies), prefill)
 
-    def after_step(self, plan: StepPlan) -> None:
+    def after_step(self, step: Step) -> None:
         """Mark the step's tokens as computed; prefixes that are now whole become lendable."""
-        for chunk in plan.chunks:
+        for chunk in step.chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
             if seq.kind is SeqKind.PREFIX and seq.num_computed == seq.num_tokens:
@@ -101,7 +104,7 @@ class Scheduler:
                 self.running.remove(seq)
                 self.live_prefixes.add(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Seq, reason: str) -> None:
         """A row is done: free its blocks and the prefixes no other row still needs."""
         seq.finish_reason = reason
         self.running.remove(seq)
@@ -116,14 +119,14 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _chunk(self, seq: Sequence, n: int) -> Chunk:
+    def _chunk(self, seq: Seq, n: int) -> Chunk:
         end = seq.num_computed + n
         return Chunk(seq, seq.num_computed, n, sample=seq.is_row and end == seq.num_tokens)
 
     def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Seq, num_tokens: int) -> bool:
         extra = self._blocks_for(num_tokens) - len(seq.block_table)
         if extra <= 0:
             return True
@@ -133,7 +136,7 @@ class Scheduler:
         seq.block_table.extend(blocks)
         return True
 
-    def _grow_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow_or_preempt(self, seq: Seq, num_tokens: int) -> bool:
         """Grow ``seq`` to hold ``num_tokens``, preempting newer sequences as needed. False: ``seq``
         itself had to be preempted."""
         while not self._grow(seq, num_tokens):
@@ -143,7 +146,7 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
@@ -151,7 +154,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]]) -> int | None:
+    def _admit(self, seq: Seq, budget: int, copies: list[tuple[int, int]]) -> int | None:
         """Attach ``seq`` to its prefix and give it blocks for its first chunk; None if they don't fit."""
         start = seq.cached_tokens
         n = min(seq.num_tokens - start, budget)
@@ -181,7 +184,7 @@ class Scheduler:
             for seq in self.running
         )
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Seq) -> None:
         self.pool.release(seq.block_table)
         seq.block_table = []
         seq.num_borrowed_blocks = 0
@@ -194,10 +197,10 @@ class Scheduler:
             for b in seq.block_table:
                 expected[b] += 1
             if len(seq.block_table) < self._blocks_for(seq.num_computed):
-                raise AssertionError(f"sequence {seq.seq_id} has fewer blocks than computed tokens")
+                raise AssertionError(f"sequence {seq.index} has fewer blocks than computed tokens")
         for seq in self.waiting:
             if seq.block_table:
-                raise AssertionError(f"waiting sequence {seq.seq_id} holds blocks")
+                raise AssertionError(f"waiting sequence {seq.index} holds blocks")
         if expected != self.pool._refs.tolist():
             raise AssertionError("block reference counts disagree with the live block tables")
         if len(self.running) > self.max_running:

@@ -1,4 +1,4 @@
-"""One unit of engine work: a row to generate for, or a shared prefix to prefill once."""
+"""One piece of engine work: a row to generate for, or a shared prefix to prefill once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class SeqKind(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class Seq:
     """Token state and KV blocks of one sequence.
 
     Like vLLM's scheduler, there are no prefill/decode phases: ``num_computed`` (tokens whose KV is
@@ -21,13 +21,15 @@ class Sequence:
         token_ids:  [ parent prefix | own prompt tokens | generated tokens ]
                       ^ KV borrowed    ^ computed here     ^ the last one is fed to the next step
         block_table: [ parent's full blocks (retained) | own blocks ... ]
+
+    Build one with ``Seq.row`` or ``Seq.prefix``.
     """
 
-    seq_id: int  # the row index for rows, the plan's node id for prefixes
     kind: SeqKind
+    index: int  # ROW: the row's index in its piece of work; PREFIX: the prefix's node id there
     token_ids: list[int]
     prompt_len: int
-    parent: Sequence | None = None  # the PREFIX whose KV this sequence starts from
+    parent: Seq | None = None  # the PREFIX whose KV this sequence starts from
     pending_rows: int = 0  # PREFIX: rows beneath that have not finished yet
     sample_key: int = 0  # ROW: seeds this row's random stream
     num_computed: int = 0
@@ -37,9 +39,21 @@ class Sequence:
     finish_reason: str | None = None
     preemptions: int = 0
 
+    @classmethod
+    def row(cls, index: int, prompt: list[int], parent: Seq | None = None, sample_key: int = 0) -> Seq:
+        return cls(SeqKind.ROW, index, list(prompt), len(prompt), parent, sample_key=sample_key)
+
+    @classmethod
+    def prefix(cls, node: int, tokens: list[int], parent: Seq | None = None, pending_rows: int = 0) -> Seq:
+        return cls(SeqKind.PREFIX, node, list(tokens), len(tokens), parent, pending_rows=pending_rows)
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
 
     @property
     def cached_tokens(self) -> int:
@@ -48,6 +62,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
+        """A copy of the generated tokens (use ``num_output`` and ``token_ids`` in hot paths)."""
         return self.token_ids[self.prompt_len :]
 
     @property

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.markup import escape
+from rich.table import Table
 
+from batchllm.config import EngineConfig, JobSpec, SamplingParams
 from batchllm.testing.tiny import FAMILIES, default_corpus, make_tiny_model, train_tokenizer
 
 DEMO_PREFIX = "Classify the sentiment of this review as positive or negative.\nReview: "
@@ -33,6 +36,29 @@ class DemoJob:
     input_path: Path  # Parquet: review_id (string), text (string), stars (int)
     prefix_path: Path  # the shared instruction put in front of every review
     output_path: Path  # where the demo run writes its results (not created here)
+
+    def spec(self) -> JobSpec:
+        return JobSpec(
+            input=self.input_path,
+            model=str(self.model_dir),
+            output=self.output_path,
+            id_column="review_id",
+            keep_columns=("stars",),
+            prefix=self.prefix_path.read_text(encoding="utf-8"),
+            sampling=SamplingParams(max_new_tokens=24),
+            engine=EngineConfig(device="cpu"),
+        )
+
+
+def preview(output: Path, rows: int = 5) -> Table:
+    """The first rows of a demo output, as a table to print."""
+    table = Table(title=f"first rows of {output.name}")
+    columns = ["id", "output", "prompt_tokens", "cached_tokens", "finish_reason"]
+    for name in columns:
+        table.add_column(name, no_wrap=True)
+    for row in pq.read_table(output, columns=columns).slice(0, rows).to_pylist():
+        table.add_row(*(escape(repr(row[c])[:40] if c == "output" else str(row[c])) for c in columns))
+    return table
 
 
 def write_demo_job(workdir: Path, rows: int = 48, family: str = "qwen2") -> DemoJob:

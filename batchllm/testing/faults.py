@@ -1,5 +1,4 @@
-"""Crash points for the crash-safety tests: ``BATCHLLM_CRASH_AT=<point>:<n>`` SIGKILLs this process
-the n-th time it passes <point> (``row``, ``commit``, ``assemble``). Unset in real runs: a no-op."""
+"""Crash points for the crash-safety tests, reached through ``batchllm.io.faults.crash_point``."""
 
 from __future__ import annotations
 
@@ -7,13 +6,11 @@ import os
 import signal
 from collections import Counter
 
-_passes: Counter[str] = Counter()  # only ever touched when the test variable is set
+_passes: Counter[str] = Counter()  # test processes only: counts the passes of each point
 
 
-def crash_point(point: str) -> None:
-    spec = os.environ.get("BATCHLLM_CRASH_AT")
-    if not spec:
-        return
+def pass_point(spec: str, point: str) -> None:
+    """SIGKILL this process the n-th time it passes ``point``, for ``spec`` = "<point>:<n>"."""
     name, _, nth = spec.partition(":")
     if name != point:
         return

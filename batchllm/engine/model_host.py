@@ -1,0 +1,72 @@
+"""One model on one device, loaded once, with its KV cache: builds an engine for each piece of work."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from batchllm.config import EngineConfig, SamplingParams
+from batchllm.engine.loop import Engine
+from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.placement import kv_pool_blocks, make_backend, resolve_placement
+from batchllm.engine.stopping import StopChecker
+from batchllm.errors import JobError
+from batchllm.model.config import ModelConfig
+from batchllm.model.decoder import allocate_kv_caches, kv_bytes_per_block
+from batchllm.model.loader import load_model
+from batchllm.scheduler.block_pool import BlockPool
+from batchllm.scheduler.scheduler import Scheduler
+
+
+class ModelHost:
+    """The model, its attention backend and KV cache on the device the engine config resolves to."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        mcfg: ModelConfig,
+        tokenizer,
+        engine_cfg: EngineConfig,
+        sampling: SamplingParams,
+        loader: Callable = load_model,  # the driver passes its own, so benchmarks can time it
+    ) -> None:
+        self.mcfg, self.cfg, self.sampling = mcfg, engine_cfg, sampling
+        self.place = resolve_placement(engine_cfg)
+        dummy = engine_cfg.load_format == "dummy"
+        self.model = loader(model_path, mcfg, self.place.dtype, self.place.device, dummy)
+        self.backend = make_backend(engine_cfg, self.place.device)
+        self.stopper = StopChecker(tokenizer, mcfg.eos_token_ids, sampling)
+        self.kv_caches: list = []
+        self.kv_blocks = 0  # blocks in the KV cache now allocated
+
+    @property
+    def device_name(self) -> str:
+        return str(self.place.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.place.dtype).removeprefix("torch.")
+
+    def engine(self, blocks_needed: int, blocks_least: int) -> Engine:
+        """A fresh engine over the KV cache, sized to ``blocks_needed`` (all the work at once) when the
+        memory setting allows, and refused below ``blocks_least`` (the longest row with its prefixes)."""
+        cfg = self.cfg
+        bytes_per_block = kv_bytes_per_block(self.mcfg, cfg.block_size, self.place.dtype)
+        num_blocks = kv_pool_blocks(cfg, self.place.device, bytes_per_block, blocks_needed)
+        if num_blocks < blocks_least:
+            raise JobError(
+                f"the KV cache holds {num_blocks} blocks but the longest row needs {blocks_least} "
+                f"({blocks_least * bytes_per_block / 2**20:.1f} MiB); raise --kv-cache-memory"
+            )
+        if not self.kv_caches or self.kv_blocks < num_blocks:
+            self.kv_caches = []  # free the old cache before allocating the larger one
+            self.kv_caches = allocate_kv_caches(
+                self.mcfg, num_blocks, cfg.block_size, self.place.dtype, self.place.device
+            )
+            self.kv_blocks = num_blocks
+        pool = BlockPool(num_blocks)
+        scheduler = Scheduler(
+            pool, cfg.block_size, cfg.token_budget, cfg.max_running, self.sampling.max_new_tokens
+        )
+        runner = ModelRunner(self.model, self.kv_caches, self.backend, cfg.block_size, self.sampling)
+        return Engine(scheduler, runner, self.stopper)

@@ -1,0 +1,104 @@
+"""What every input reader yields: validated sources read lazily as RowBatches of ids, texts, keeps."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchllm.errors import JobError
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Consecutive input rows: `start` is the row index of the first."""
+
+    start: int
+    ids: pa.Array  # the id column in its own type, or int64 row indices
+    texts: list[str | None]  # None where the text is unusable; text_errors says why
+    text_errors: list[str | None]
+    keep: pa.Table | None  # the keep columns, None when none were asked for
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class InputSource(ABC):
+    """A validated input file; `iter_batches` reads it lazily."""
+
+    path: Path
+    num_rows: int
+    columns: list[str]
+    column: str
+    id_column: str | None
+    keep_columns: tuple[str, ...]
+
+    @abstractmethod
+    def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | list[dict]]:
+        """Exactly `rows_per_batch` rows each (fewer at the end) from row `start`."""
+
+    def iter_batches(self, rows_per_batch: int = 65536, start: int = 0) -> Iterator[RowBatch]:
+        if rows_per_batch < 1:
+            raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+        if not 0 <= start <= self.num_rows:
+            raise ValueError(f"start must be in [0, {self.num_rows}], got {start}")
+        row = start
+        for chunk in self._tables(rows_per_batch, start):
+            is_table = isinstance(chunk, pa.Table)
+            batch = self._batch_from_table(row, chunk) if is_table else self._batch_from_rows(row, chunk)
+            yield batch
+            row += len(batch)
+
+    def _ids(self, start: int, n: int, read: pa.Array | None) -> pa.Array:
+        return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
+
+    def _batch_from_table(self, start: int, table: pa.Table) -> RowBatch:
+        texts, errors = _arrow_texts(table.column(self.column))
+        ids = table.column(self.id_column).combine_chunks() if self.id_column else None
+        keep = table.select(list(self.keep_columns)) if self.keep_columns else None
+        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep)
+
+    def _batch_from_rows(self, start: int, rows: list[dict]) -> RowBatch:
+        raise NotImplementedError  # only JSONL falls back to parsed Python rows
+
+
+def _arrow_texts(values: pa.ChunkedArray) -> tuple[list[str | None], list[str | None]]:
+    if pa.types.is_dictionary(values.type):
+        values = pc.cast(values, values.type.value_type)
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        texts = values.to_pylist()
+        return texts, ["text is null" if t is None else None for t in texts]
+    nulls = values.is_null().to_pylist()
+    return [None] * len(nulls), ["text is null" if n else f"text is not a string ({kind})" for n in nulls]
+
+
+def python_text(value: object) -> tuple[str | None, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if value is None:
+        return None, "text is null"
+    try:
+        kind = str(pa.array([value]).type)  # name it as Arrow would, like the fast path does
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        kind = type(value).__name__
+    return None, f"text is not a string ({kind})"
+
+
+def needed_columns(column: str, id_column: str | None, keep: tuple[str, ...]) -> list[str]:
+    return list(dict.fromkeys([column, *([id_column] if id_column else []), *keep]))
+
+
+def check_columns(
+    path: Path, columns: list[str], column: str, id_column: str | None, keep: tuple[str, ...]
+) -> None:
+    existing = ", ".join(repr(c) for c in columns) if columns else "none (the file has no rows)"
+    for role, name in [("text", column), ("id", id_column), *(("keep", k) for k in keep)]:
+        if name is not None and name not in columns:
+            raise JobError(f"{role} column {name!r} not found in {path}; columns there: {existing}")

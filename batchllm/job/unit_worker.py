@@ -1,0 +1,105 @@
+"""Runs work units on one model and commits their rows as shards.
+
+``UnitWorker`` is the same code in the single-process run (``LocalExecutor``) and in every Ray actor
+(``distributed.worker.EngineWorker``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchllm.config import JobSpec
+from batchllm.engine.loop import EngineStats
+from batchllm.engine.model_host import ModelHost
+from batchllm.io.faults import crash_point
+from batchllm.io.writer import RunDir
+from batchllm.job.counters import RowCounts
+from batchllm.job.results import UnitResults
+from batchllm.job.units import WorkUnit, unit_sequences
+from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
+from batchllm.model.loader import load_model
+from batchllm.model.tokenizer import load_tokenizer
+from batchllm.scheduler.seq import Seq
+
+
+@dataclass(frozen=True)
+class UnitCalls:
+    """How a running unit talks to whoever runs it."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    on_rows: Callable[[RowCounts], None] = lambda counts: None  # rows finished (not yet committed)
+    # after each shard: what it committed, and prefill tokens computed so far in the running unit
+    on_commit: Callable[[RowCounts, int], None] = lambda counts, unit_prefill: None
+    may_commit: Callable[[], bool] = lambda: True  # before each shard
+
+
+@dataclass(frozen=True)
+class UnitStats:
+    """What one work unit did on one worker."""
+
+    unit_id: str
+    worker: str
+    counts: RowCounts  # the rows it committed, duplicates included
+    engine: EngineStats
+    preemptions: int
+    peak_kv_blocks: int
+    kv_blocks: int  # the worker's KV pool size
+    seconds: float  # wall time of the unit on its worker
+
+
+class UnitWorker:
+    def __init__(self, job: JobSpec, run_dir: RunDir, name: str, host: ModelHost) -> None:
+        self.job, self.run_dir, self.name, self.host = job, run_dir, name, host
+
+    @classmethod
+    def open(
+        cls, job: JobSpec, run_dir: RunDir, name: str, model_path: Path | None = None,
+        mcfg: ModelConfig | None = None, tokenizer=None, loader: Callable = load_model,
+    ) -> UnitWorker:  # fmt: skip
+        """Load the job's model (config and tokenizer too, unless the caller has them already)."""
+        model_path = model_path or resolve_model_path(job.model)
+        mcfg = mcfg or load_model_config(model_path)
+        tokenizer = tokenizer or load_tokenizer(model_path)
+        return cls(
+            job, run_dir, name, ModelHost(model_path, mcfg, tokenizer, job.engine, job.sampling, loader)
+        )
+
+    def run(self, unit: WorkUnit, calls: UnitCalls) -> UnitStats:
+        """Generate every row of ``unit``; finished rows are committed even when this raises."""
+        t0, job = time.perf_counter(), self.job
+        engine = self.host.engine(*unit.kv_blocks(job.engine.block_size, job.sampling.max_new_tokens))
+        results = UnitResults(
+            unit.rows, self.run_dir, job.checkpoint_rows, job.checkpoint_seconds,
+            lambda counts: calls.on_commit(counts, engine.stats.prefill_tokens), calls.may_commit,
+        )  # fmt: skip
+        on_finish = self._finisher(unit, results, calls)
+        try:
+            stats = engine.run(unit_sequences(unit), on_finish, calls.should_stop)
+        finally:
+            results.commit()
+        pool = engine.scheduler.pool
+        if pool.num_used:
+            raise RuntimeError(f"KV pool holds {pool.num_used} blocks after unit {unit.unit_id} finished")
+        return UnitStats(
+            unit.unit_id, self.name, results.committed, stats, engine.scheduler.num_preemptions,
+            pool.peak_used, self.host.kv_blocks, time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def _finisher(self, unit: WorkUnit, results: UnitResults, calls: UnitCalls) -> Callable[[Seq], None]:
+        """What happens when a row finishes: its text (and its duplicates') recorded, maybe committed."""
+        dups = unit.duplicates()
+        stopper = self.host.stopper
+
+        def on_finish(seq: Seq) -> None:
+            text, n_out, reason = stopper.text(seq.output_ids), seq.num_output, seq.finish_reason
+            counts = results.finish(seq.index, text, n_out, seq.cached_tokens, reason)
+            for dup in dups.get(seq.index, ()):
+                counts.add(results.finish(dup, text, n_out, int(unit.rows.prompt_tokens[dup]), reason))
+            results.maybe_commit()
+            calls.on_rows(counts)
+            crash_point("row")
+
+        return on_finish
