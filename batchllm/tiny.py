@@ -19,19 +19,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Mixture-of-experts and Gemma families: make_tiny_model builds them too; the demo offers FAMILIES.
+MORE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "gemma3")
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -46,6 +52,18 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "qwen2_moe": Qwen2MoeConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "mixtral": MixtralConfig,
+    "gemma3": Gemma3TextConfig,
+}
+# Family settings on top of the shared shape; `inter` stands for make_tiny_model's intermediate_size.
+_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2}
+_FAMILY_DEFAULTS: dict[str, dict] = {
+    "qwen2_moe": _EXPERTS | {"moe_intermediate_size": "inter/2", "shared_expert_intermediate_size": "inter"},
+    "qwen3_moe": _EXPERTS | {"moe_intermediate_size": "inter/2", "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": "inter/2"},
+    "gemma3": {"sliding_window": 16, "query_pre_attn_scalar": 24},
 }
 
 # Init scales found by measuring greedy output on random prompts: prompt-dependent, varied text with
@@ -194,15 +212,18 @@ def make_tiny_model(
     head_dim: int | None = None,
     seed: int = 0,
     max_position_embeddings: int = 2048,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Save a random float32 model of `family` with a tokenizer to `out_dir` and return `out_dir`.
 
     The weights are drawn wider than Hugging Face's default init, so that greedy decoding gives
     varied text that depends on the prompt (the default std of 0.02 makes a tiny model repeat one
-    token forever). `head_dim` defaults to hidden_size // num_heads.
+    token forever). `head_dim` defaults to hidden_size // num_heads. `config_overrides` go to the
+    transformers config as they are (e.g. `sliding_window`, `layer_types`, `num_experts`).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in FAMILIES + MORE_FAMILIES:
+        known = ", ".join(FAMILIES + MORE_FAMILIES)
+        raise ValueError(f"unknown model family {family!r}; choose one of {known}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
@@ -211,20 +232,24 @@ def make_tiny_model(
         _copy_tokenizer_files(Path(tokenizer_dir), out_dir)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    settings = {"sliding_window": None}  # full attention unless the family or the caller says otherwise
+    for key, value in (_FAMILY_DEFAULTS.get(family, {}) | (config_overrides or {})).items():
+        sizes = {"inter": intermediate_size, "inter/2": intermediate_size // 2}
+        settings[key] = sizes.get(value, value) if isinstance(value, str) else value
+    settings.setdefault("intermediate_size", intermediate_size)
     config = _CONFIG_CLASSES[family](
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
         head_dim=head_dim or hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         bos_token_id=tokenizer.bos_token_id,
-        sliding_window=None,  # batchllm supports full attention only
+        **settings,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -261,17 +286,20 @@ def _widen_init(model: PreTrainedModel, eos_id: int) -> None:
     """Redraw the weights so that greedy decoding depends on the prompt and does not loop at once.
 
     Projections get std _PROJ_GAIN/sqrt(fan_in); norm weights are drawn around 1 and biases are
-    non-zero, so that a loader that drops a norm weight or a bias gives different tokens.
+    non-zero, so that a loader that drops a norm weight or a bias gives different tokens. Gemma's
+    norms scale by (1 + weight), so theirs are drawn around 0. Stacked expert weights are
+    [experts, out, in].
     """
+    norm_offset = 1.0 if model.config.model_type.startswith("gemma") else 0.0
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.uniform_(0.5, 1.5)
+            param.uniform_(0.5 - norm_offset, 1.5 - norm_offset)
         elif name.endswith(".bias"):
             param.normal_(0.0, 0.2)
         elif "embed_tokens" in name:
             param.normal_(0.0, _EMBED_STD)
-        elif param.dim() == 2:
-            param.normal_(0.0, _PROJ_GAIN / param.shape[1] ** 0.5)
+        elif param.dim() in (2, 3):
+            param.normal_(0.0, _PROJ_GAIN / param.shape[-1] ** 0.5)
     # Rows of the output layer with a larger norm win the argmax more often: make EOS one of them,
     # so that generation sometimes stops early and sometimes runs to max_new_tokens.
     model.get_output_embeddings().weight[eos_id] *= _EOS_ROW_SCALE
