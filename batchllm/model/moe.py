@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchllm.kernels.fused_moe import ExpertRoute, fused_moe, sort_by_expert
+from batchllm.kernels.fused_moe import fused_moe, sort_by_expert
 from batchllm.model.config import ModelConfig
 from batchllm.model.layers import MLP, activation, empty_param
 
@@ -76,33 +76,21 @@ def grouped_experts_torch(
     act: str,
 ) -> torch.Tensor:  # [T, hidden], x.dtype
     """The experts on the step's pairs sorted by expert: one gate/up and one down matmul per expert
-    that any token picked, each over that expert's contiguous run of pairs."""
+    that any token picked, each over that expert's contiguous run of pairs. Outputs are added into
+    each token in expert order, as transformers adds them, so float32 results round the same way."""
+    top_k = experts.shape[1]
     route_ = sort_by_expert(experts, w13.shape[0])
-    rows = x[route_.pair_order // experts.shape[1]]  # [P, hidden], sorted by expert
-    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    tokens = route_.pair_order // top_k  # [P], sorted by expert
+    pair_weights = weights.flatten()[route_.pair_order]
+    out = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(route_.counts.tolist()):
-        if count:
-            gate, up = F.linear(rows[start : start + count], w13[expert]).chunk(2, dim=-1)
-            out[start : start + count] = F.linear(activation(act, gate) * up, w2[expert]).float()
-            start += count
-    return combine_pairs(out, route_, weights, x.dtype)
-
-
-def combine_pairs(
-    sorted_out: torch.Tensor,  # [P, hidden] float32, the experts' outputs in sorted-pair order
-    route_: ExpertRoute,
-    weights: torch.Tensor,  # [T, top_k] float32
-    dtype: torch.dtype,
-) -> torch.Tensor:  # [T, hidden]
-    """Weight each pair's output and add each token's k outputs, in expert order, as transformers does."""
-    num_tokens, top_k = weights.shape
-    per_pair = torch.empty_like(sorted_out)
-    per_pair[route_.pair_order] = sorted_out
-    # The float32 product of a bf16 output and a bf16-rounded weight is exact, so this rounds once,
-    # like transformers' product in either dtype.
-    per_pair = (per_pair.view(num_tokens, top_k, -1) * weights[..., None]).to(dtype)
-    out = torch.zeros_like(per_pair[:, 0])
-    for k in range(top_k):
-        out += per_pair[:, k]
+        if count == 0:
+            continue
+        rows = tokens[start : start + count]
+        gate, up = F.linear(x[rows], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(activation(act, gate) * up, w2[expert])
+        # float32 product of a bf16 output and a bf16-rounded weight is exact: one rounding, as in HF.
+        out.index_add_(0, rows, (y.float() * pair_weights[start : start + count, None]).to(x.dtype))
+        start += count
     return out
