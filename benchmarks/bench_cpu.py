@@ -44,7 +44,8 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 
 import batchllm.job.run
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
-from batchllm.testing.tiny import default_corpus, make_tiny_model, train_tokenizer
+from batchllm.testing.tiny import make_tiny_model
+from batchllm.testing.tiny_tokenizer import default_corpus, train_tokenizer
 
 GROUPS, ROWS_PER_GROUP, NEW_TOKENS = 8, 8, 32
 PREFIX_TOKENS, GROUP_TOKENS, ROW_TOKENS = 600, 50, 15

@@ -390,11 +390,13 @@ def roofline(spec: WorkloadSpec, m: ModelConfig, dtype_bytes: int, hw: Hardware)
     g, r, s, d, o, n_layers = spec.groups, spec.rows, spec.shared, spec.distinct, spec.output, m.num_layers
     head = m.vocab_size * m.hidden_size
     layers = m.num_params - head - (0 if m.tie_word_embeddings else head)
+    # A sparse (MoE) model: a token's FLOPs cover its top-k experts, but a batched step reads them all.
+    active = layers - (m.num_params - m.active_params)
     attn = 4 * n_layers * m.q_size  # FLOPs per (query, key) pair: scores and values
     keys_prefill = g * s * (s + 1) / 2 + r * (d * s + d * (d + 1) / 2)
     keys_decode = r * ((o - 1) * (s + d) + (o - 1) * o / 2)
-    prefill = 2 * layers * (g * s + r * d) + 2 * head * r + attn * keys_prefill
-    decode = r * (o - 1) * 2 * (layers + head) + attn * keys_decode
+    prefill = 2 * active * (g * s + r * d) + 2 * head * r + attn * keys_prefill
+    decode = r * (o - 1) * 2 * (active + head) + attn * keys_decode
     kv_tok = 2 * n_layers * m.kv_size * dtype_bytes
     kv_bytes = kv_tok * ((o - 1) * g * s + r * ((o - 1) * d + (o - 1) * o / 2))
     flops, nbytes = prefill + decode, o * (layers + head) * dtype_bytes + kv_bytes

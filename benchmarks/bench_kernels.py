@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from batchllm.kernels.decode_attention import paged_decode_attention, prefix_decode_attention
+from batchllm.kernels.decode_attention import paged_decode_attention
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
 from batchllm.kernels.prefill_attention import prefill_attention
+from batchllm.kernels.prefix_decode_attention import prefix_decode_attention
 
 PREFIX, SUFFIX, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 2048, 128, 32, 8, 128, 16
 DTYPE = torch.bfloat16

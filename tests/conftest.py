@@ -16,7 +16,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from batchllm.testing.tiny import make_tiny_model, train_tokenizer  # noqa: E402
+from batchllm.testing.tiny import make_tiny_model  # noqa: E402
+from batchllm.testing.tiny_tokenizer import train_tokenizer  # noqa: E402
 
 # family -> make_tiny_model arguments. Between them they cover tied and untied embeddings, GQA, MHA
 # and MQA, qwen2's q/k/v biases and qwen3's q/k norms with head_dim != hidden_size / num_heads.

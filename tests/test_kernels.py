@@ -21,11 +21,12 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from batchllm.kernels.decode_attention import paged_decode_attention, prefix_decode_attention  # noqa: E402
+from batchllm.kernels.decode_attention import paged_decode_attention
 from batchllm.kernels.kv_store import kv_offsets, store_kv  # noqa: E402
 from batchllm.kernels.merge import AttentionState, merge_state_stack  # noqa: E402
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups  # noqa: E402
 from batchllm.kernels.prefill_attention import prefill_attention  # noqa: E402
+from batchllm.kernels.prefix_decode_attention import prefix_decode_attention  # noqa: E402
 from batchllm.kernels.reference import (  # noqa: E402
     attention_state_ref,
     gather_kv_ref,

@@ -13,7 +13,8 @@ from hf_reference import hf_greedy, load_hf_model
 from transformers import AutoTokenizer
 
 from batchllm.testing.demo import DEMO_PREFIX, make_reviews, write_demo_job
-from batchllm.testing.tiny import FAMILIES, make_tiny_model, train_tokenizer
+from batchllm.testing.tiny import FAMILIES, make_tiny_model
+from batchllm.testing.tiny_tokenizer import train_tokenizer
 
 TEXTS = [
     "I bought the blender. It is great!",

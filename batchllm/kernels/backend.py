@@ -23,7 +23,9 @@ class AttentionBackend(Protocol):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store k/v of the new tokens at ``meta.slot_mapping``, then attend each new token
-        causally over its sequence's whole context (cached + new)."""
+        causally over its sequence's whole context (cached + new); with a sliding ``window``, over
+        its last ``window`` positions only (itself included)."""
         ...

@@ -11,6 +11,8 @@ attends over positions ``[0, context_len + j]``, all read through the block tabl
 One program covers one KV head and a tile of ``BLOCK_M`` query rows, a row being a pair
 (new token, query head of that KV head): the GQA heads that share a KV head share each K/V tile.
 Softmax is online and in base 2: scores are multiplied by ``scale * log2(e)`` once, then ``exp2``.
+A sliding ``window`` limits new token ``j`` further to positions after ``context_len + j - window``;
+tiles start at the window of their first token, so skipped blocks are never read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ LOG2E = math.log2(math.e)  # launchers fold it into the scale: kernels use exp2
 PREFILL_BLOCK_M = 64
 BLOCK_N = 64
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
+NO_WINDOW = 1 << 30  # the kernels' window when there is none: longer than any sequence
+
+
+def kernel_window(window: int | None) -> int:
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return NO_WINDOW if window is None else min(window, NO_WINDOW)
 
 
 @triton.jit
@@ -62,13 +71,15 @@ def attend_paged_range(
     stride_cd,
     kv_head,
     qk_scale,  # softmax scale * log2(e)
+    window,  # each row sees positions (last_pos - window, last_pos]
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
-    """Online-softmax pass of ``q`` over positions ``[lo, hi)`` (each row up to its ``last_pos``)."""
+    """Online-softmax pass of ``q`` over positions ``[lo, hi)`` (each row up to its ``last_pos``,
+    and no further back than its window)."""
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
@@ -82,6 +93,7 @@ def attend_paged_range(
         k = tl.load(k_cache + offs, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
         s = dot_f32(q, tl.trans(k), F32_DOT) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = in_range[None, :] & (pos[None, :] <= last_pos[:, None])
+        visible = visible & (pos[None, :] > last_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -114,6 +126,7 @@ def _prefill_kernel(
     stride_ch,
     stride_cd,
     qk_scale,
+    window,
     QUERY_GROUP: tl.constexpr,  # query heads per KV head
     TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // QUERY_GROUP
     HEAD_DIM: tl.constexpr,
@@ -143,9 +156,10 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         hi = context_len + tl.minimum(q_len, first + TOKENS_PER_TILE)
+        lo = tl.maximum(context_len + first - window + 1, 0)  # the window of the tile's first token
         acc, m_i, l_i = attend_paged_range(
             acc, m_i, l_i, q_tile, context_len + tokens, block_tables + seq.to(tl.int64) * stride_bt,
-            0, hi, k_cache, v_cache, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale,
+            lo, hi, k_cache, v_cache, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale, window,
             HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, F32_DOT,
         )  # fmt: skip
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -159,8 +173,10 @@ def prefill_attention(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Each new token attends causally over its sequence's context (cached + new, already stored)."""
+    """Each new token attends causally over its sequence's context (cached + new, already stored),
+    or over its last ``window`` positions."""
     check_paged_inputs(q, k_cache, v_cache, meta)
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -174,7 +190,7 @@ def prefill_attention(
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
-        *k_cache.stride(), scale * LOG2E,
+        *k_cache.stride(), scale * LOG2E, kernel_window(window),
         QUERY_GROUP=group, TOKENS_PER_TILE=tokens_per_tile, HEAD_DIM=head_dim,
         D_PAD=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         BLOCK_SIZE=k_cache.shape[1], F32_DOT=needs_f32_dot(_prefill_kernel, q.dtype),

@@ -64,8 +64,10 @@ def paged_attention_ref(
     kv_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q.dtype
-    """Each new token attends causally over its sequence's whole context (prefill and decode)."""
+    """Each new token attends causally over its sequence's whole context (prefill and decode), or,
+    with a sliding ``window``, over its last ``window`` positions (itself included)."""
     k_cache, v_cache = kv_cache
     out = torch.empty_like(q)
     start = 0
@@ -75,6 +77,8 @@ def paged_attention_ref(
         v = gather_kv_ref(v_cache, meta.block_tables[seq], range(seq_len))
         last_visible = context_len + torch.arange(q_len)[:, None]
         visible = torch.arange(seq_len)[None, :] <= last_visible
+        if window is not None:
+            visible &= torch.arange(seq_len)[None, :] > last_visible - window
         rows, _ = attention_state_ref(q[start : start + q_len], k, v, scale, visible.to(q.device))
         out[start : start + q_len] = rows.to(q.dtype)
         start += q_len
@@ -116,3 +120,25 @@ def prefix_decode_ref(
             state = merge_attention_states(shared_states[row], state)
         result[row] = state[0][0].to(q.dtype)
     return result
+
+
+def fused_moe_ref(
+    x: torch.Tensor,  # [T, hidden]
+    w13: torch.Tensor,  # [E, 2 * inter, hidden], gate rows then up rows
+    w2: torch.Tensor,  # [E, hidden, inter]
+    weights: torch.Tensor,  # [T, top_k]
+    experts: torch.Tensor,  # [T, top_k]
+    act: str,
+) -> torch.Tensor:  # [T, hidden] float32
+    """Token by token: the weighted sum of its experts' gated MLPs, in float32."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), experts[t].tolist(), strict=True):
+            gate, up = (w13[e].float() @ x[t].float()).chunk(2)
+            act_gate = (
+                torch.nn.functional.gelu(gate, approximate="tanh")
+                if act == "gelu_pytorch_tanh"
+                else gate * torch.sigmoid(gate)
+            )
+            out[t] += w * (w2[e].float() @ (act_gate * up))
+    return out

@@ -5,6 +5,8 @@ its sequence's whole context, read back from the cache through the block table::
 
     seq i:   cached (context_len) | new tokens (query_len)      new token j sits at context_len + j
     keys:    blocks block_tables[i, :ceil(seq_len / block_size)], trimmed to seq_len
+
+With a sliding ``window``, the token at position p sees only positions p - window + 1 .. p.
 """
 
 from __future__ import annotations
@@ -34,18 +36,19 @@ class TorchAttention:
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if (
-            meta.one_token_each
-            and meta.decode_groups is not None
-            and any(meta.decode_groups.shared_blocks_cpu)
-        ):
+        if window is not None and window >= meta.max_seq_len:
+            window = None  # no row has outgrown it: the window changes nothing
+        groups = meta.decode_groups
+        # A window cuts each row's shared prefix at a different place: those rows read it on their own.
+        if meta.one_token_each and window is None and groups is not None and any(groups.shared_blocks_cpu):
             return cascade_decode_attention(q, k_cache, v_cache, meta, scale)
         if meta.one_token_each:
-            return decode_attention(q, k_cache, v_cache, meta, scale)
-        return varlen_attention(q, k_cache, v_cache, meta, scale)
+            return decode_attention(q, k_cache, v_cache, meta, scale, window)
+        return varlen_attention(q, k_cache, v_cache, meta, scale, window)
 
 
 def store_kv(
@@ -66,6 +69,7 @@ def varlen_attention(
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """General path (prefill, chunked prefill, mixed batches). Sequences are bucketed by query length
     (powers of two), so padding stays small when decode rows share a step with long prefill chunks;
@@ -77,7 +81,7 @@ def varlen_attention(
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
     for seqs in buckets.values():
         tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
-        out[tokens] = _padded_attention(q[tokens], k_cache, v_cache, meta, seqs, scale)
+        out[tokens] = _padded_attention(q[tokens], k_cache, v_cache, meta, seqs, scale, window)
     return out
 
 
@@ -88,6 +92,7 @@ def _padded_attention(
     meta: AttentionMetadata,
     seqs: list[int],
     scale: float,
+    window: int | None,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -110,6 +115,8 @@ def _padded_attention(
     key_pos = torch.arange(max_len, device=dev)
     query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=dev)  # [n, max_q]
     mask = (key_pos <= query_pos[:, :, None]) & (key_pos < seq_lens[:, None, None])  # [n, max_q, max_len]
+    if window is not None:
+        mask &= key_pos > query_pos[:, :, None] - window
     mask = mask.repeat(1, group, 1)[:, None]  # [n, 1, group * max_q, max_len], rows ordered like qp
     table = meta.block_tables[index, : math.ceil(max_len / block_size)].long()
     rows = max(1, _DECODE_GATHER_ELEMENTS // (max(max_len, max_q * group) * kv_heads * head_dim))
@@ -131,15 +138,20 @@ def decode_attention(
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """Batched decode: pad every context to max_seq_len, mask by length, one SDPA per row chunk."""
+    """Batched decode: pad every context to max_seq_len, mask by length (and window), one SDPA per
+    row chunk."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = meta.max_seq_len
     table = meta.block_tables[:, : math.ceil(max_len / block_size)].long()
     # GQA without copying K/V per head: the q heads of one kv head act as its query rows.
     qg = q.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim)
-    mask = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens[:, None]  # [num_seqs, max_len]
+    key_pos = torch.arange(max_len, device=q.device)[None, :]
+    mask = key_pos < meta.seq_lens[:, None]  # [num_seqs, max_len]
+    if window is not None:
+        mask &= key_pos >= meta.seq_lens[:, None] - window
     rows = max(1, _DECODE_GATHER_ELEMENTS // (max_len * kv_heads * head_dim))
     outs = []
     for lo in range(0, num_seqs, rows):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from batchllm.kernels.backend import KVCache
-from batchllm.kernels.decode_attention import paged_decode_attention, prefix_decode_attention
+from batchllm.kernels.decode_attention import paged_decode_attention
 from batchllm.kernels.kv_store import store_kv
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.prefill_attention import prefill_attention
+from batchllm.kernels.prefix_decode_attention import prefix_decode_attention
 
 
 class TritonAttention:
@@ -16,7 +17,8 @@ class TritonAttention:
 
     Steps with any query longer than one token run the paged prefill kernel (decode rows in such a
     step are just queries of length 1). Pure decode steps run the prefix-aware decode kernel when
-    the step carries ``decode_groups``, else plain per-row paged decode.
+    the step carries ``decode_groups``, else plain per-row paged decode. A sliding window that some
+    row has outgrown cuts each row's shared prefix at a different place, so such steps decode per row.
     """
 
     name = "triton"
@@ -29,13 +31,16 @@ class TritonAttention:
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]}")
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if window is not None and window >= meta.max_seq_len:
+            window = None  # no row has outgrown it: the window changes nothing
         if not meta.one_token_each:
-            return prefill_attention(q, k_cache, v_cache, meta, scale)
-        if meta.decode_groups is not None:
+            return prefill_attention(q, k_cache, v_cache, meta, scale, window)
+        if meta.decode_groups is not None and window is None:
             return prefix_decode_attention(q, k_cache, v_cache, meta, scale)
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, window)

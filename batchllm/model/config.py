@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.errors import JobError
+from batchllm.model import families
+from batchllm.model.families import GemmaConfig, MoEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +19,10 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Gemma3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCH_BY_MODEL_TYPE = {
@@ -24,7 +30,12 @@ _ARCH_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+_QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 # Sorted (key, value) pairs of the HF rope dict, rope_theta left out: hashable, so ModelConfig is too.
@@ -52,6 +63,10 @@ class ModelConfig:
     bos_token_id: int | None
     o_proj_bias: bool = False  # Llama/Qwen3 attention_bias also covers o_proj; Qwen2's bias does not
     initializer_range: float = 0.02
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None = full; () = all full
+    moe: MoEConfig | None = None
+    gemma: GemmaConfig | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -65,6 +80,19 @@ class ModelConfig:
                 f"unsupported rope scaling type {self.rope_type!r}; batchllm supports: "
                 + ", ".join(SUPPORTED_ROPE_TYPES)
             )
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(
+                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
+            )
+        if any(w is not None and w < 1 for w in self.layer_windows):
+            raise JobError(f"sliding window must be >= 1 token, got {self.layer_windows}")
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window: a token attends to itself and the window - 1 before it."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.sparse_layers
 
     @property
     def rope_type(self) -> str:
@@ -84,14 +112,33 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        """Approximate parameter count (norms included, biases left out), for FLOP estimates."""
+        """Approximate parameter count (norms included, biases left out), every expert counted."""
+        return self._params(active=False)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: for a sparse model only its top-k experts count."""
+        return self._params(active=True)
+
+    def _params(self, active: bool) -> int:
         attn = self.hidden_size * (2 * self.q_size + 2 * self.kv_size)
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        norms = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = attn + mlp + norms
+        dense_mlp = 3 * self.hidden_size * self.intermediate_size
+        norms = (4 if self.gemma else 2) * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        mlps = sum(
+            _sparse_mlp_params(self.moe, self.hidden_size, active)
+            if self.moe and self.is_sparse(i)
+            else dense_mlp
+            for i in range(self.num_layers)
+        )
         embed = self.vocab_size * self.hidden_size
         lm_head = 0 if self.tie_word_embeddings else embed
-        return embed + lm_head + self.num_layers * per_layer + self.hidden_size
+        return embed + lm_head + self.num_layers * (attn + norms) + mlps + self.hidden_size
+
+
+def _sparse_mlp_params(moe: MoEConfig, hidden: int, active: bool) -> int:
+    experts = moe.top_k if active else moe.num_experts
+    shared = 3 * moe.shared_expert_size + 1 if moe.shared_expert_size else 0
+    return hidden * (3 * experts * moe.intermediate_size + moe.num_experts + shared)
 
 
 def load_model_config(path: Path) -> ModelConfig:
@@ -104,10 +151,11 @@ def load_model_config(path: Path) -> ModelConfig:
         hf = AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for a bad config
         raise JobError(f"cannot read model config in {path}: {_one_line(e)}") from e
-    _check_supported_features(hf, architecture)
-    theta, scaling = _rope(hf)
-    is_qwen2 = architecture == "Qwen2ForCausalLM"
-    bias = True if is_qwen2 else bool(getattr(hf, "attention_bias", False))
+    families.check_features(hf, architecture)
+    theta, scaling = _rope(families.global_rope_parameters(hf, architecture), getattr(hf, "rope_theta", None))
+    is_qwen2 = architecture in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    qwen2_bias = bool(getattr(hf, "qkv_bias", True))  # Qwen2-MoE names it; Qwen2 always has it
+    bias = qwen2_bias if is_qwen2 else bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         architecture=architecture,
         vocab_size=hf.vocab_size,
@@ -123,11 +171,15 @@ def load_model_config(path: Path) -> ModelConfig:
         max_position_embeddings=hf.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bias,
-        qk_norm=architecture == "Qwen3ForCausalLM",
+        qk_norm=architecture in _QK_NORM,
         eos_token_ids=_eos_token_ids(path, hf),
         bos_token_id=getattr(hf, "bos_token_id", None),
         o_proj_bias=bias and not is_qwen2,
         initializer_range=float(getattr(hf, "initializer_range", None) or 0.02),
+        hidden_act=families.hidden_activation(hf),
+        layer_windows=families.read_layer_windows(hf, architecture),
+        moe=families.read_moe(hf, architecture),
+        gemma=families.read_gemma(hf, architecture),
     )
 
 
@@ -157,24 +209,9 @@ def _architecture(raw: dict[str, Any]) -> str:
     return names[0]
 
 
-def _check_supported_features(hf: Any, architecture: str) -> None:
-    act = getattr(hf, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise JobError(f"unsupported activation {act!r} in {architecture}; batchllm supports silu only")
-    if getattr(hf, "mlp_bias", False):
-        raise JobError(f"{architecture} with mlp_bias=true is not supported")
-    window = getattr(hf, "sliding_window", None)
-    if window is not None and (
-        architecture == "MistralForCausalLM" or getattr(hf, "use_sliding_window", False)
-    ):
-        # Full attention equals sliding-window attention until a sequence outgrows the window.
-        logger.warning("sliding_window=%s is ignored: sequences longer than it will differ from HF", window)
-
-
-def _rope(hf: Any) -> tuple[float, RopeScaling | None]:
+def _rope(params: dict[str, Any], old_theta: float | None) -> tuple[float, RopeScaling | None]:
     """(rope_theta, frozen scaling) from transformers-5 ``rope_parameters`` or old ``rope_scaling``."""
-    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    theta = params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
+    theta = params.pop("rope_theta", None) or old_theta or 10000.0
     if "type" in params:  # very old configs name it "type"
         params.setdefault("rope_type", params.pop("type"))
     if params.get("rope_type", "default") == "default":

@@ -1,4 +1,5 @@
-"""The causal decoder shared by Llama, Mistral, Qwen2 and Qwen3, and its paged KV cache.
+"""The causal decoder shared by Llama, Mistral, Qwen2/3, their MoE variants and Gemma 3, and its
+paged KV cache.
 
 One forward runs a flat, varlen batch of new tokens from many sequences; attention goes
 through an AttentionBackend that reads and writes the paged KV cache.
@@ -13,16 +14,28 @@ from torch import nn
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.model.config import ModelConfig
-from batchllm.model.layers import MLP, Attention, RMSNorm, empty_param, rope_cos_sin, rope_inv_freq
+from batchllm.model.gemma import GemmaDecoderLayer, scale_embeddings, softcap_logits
+from batchllm.model.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    empty_param,
+    make_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from batchllm.model.moe import SparseMoE
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int = 0) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.attn = Attention(config, dtype, device)
+        self.attn = Attention(config, dtype, device, layer)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, dtype, device)
+        self.mlp: nn.Module = (
+            SparseMoE(config, dtype, device) if config.is_sparse(layer) else MLP(config, dtype, device)
+        )
 
     def forward(
         self,
@@ -43,8 +56,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        layer_class = GemmaDecoderLayer if config.gemma else DecoderLayer
+        self.layers = nn.ModuleList(layer_class(config, dtype, device, i) for i in range(config.num_layers))
+        self.norm = make_norm(config, config.hidden_size, dtype, device)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -52,6 +66,8 @@ class CausalLM(nn.Module):
         )
         # A plain attribute, not a buffer: it is computed, never loaded, and stays float32.
         self.inv_freq = rope_inv_freq(config).to(device)
+        # Gemma's sliding-window layers rotate with a theta of their own.
+        self.local_inv_freq = rope_inv_freq(config, local=True).to(device) if config.gemma else None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:  # [vocab, hidden]
@@ -65,14 +81,17 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = scale_embeddings(self.config, F.embedding(input_ids, self.embed_tokens))
         cos_sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv_cache, meta, backend)
+        local = cos_sin
+        if self.local_inv_freq is not None:
+            local = rope_cos_sin(positions, self.local_inv_freq, x.dtype)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, cos_sin if self.config.window(i) is None else local, kv_cache, meta, backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        return F.linear(hidden, self.lm_head_weight).float()
+        return softcap_logits(self.config, F.linear(hidden, self.lm_head_weight)).float()
 
 
 def allocate_kv_caches(

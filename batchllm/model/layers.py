@@ -41,10 +41,28 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """[head_dim // 2] float32 inverse frequencies, computed as transformers does (on CPU)."""
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), in float32, and casts back only at the end."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(config: ModelConfig, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm:
+    norm_class = OffsetRMSNorm if config.gemma is not None else RMSNorm
+    return norm_class(size, config.rms_norm_eps, dtype, device)
+
+
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, computed as transformers does (on CPU).
+
+    ``local``: Gemma's sliding-window layers, plain rope at their own theta."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    theta = config.gemma.local_rope_theta if local and config.gemma else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if local:
+        return inv_freq
     params = config.rope_params
     if config.rope_type == "linear":
         return inv_freq / params["factor"]
@@ -90,9 +108,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.window = config.window(layer)
         c = config
         self.qkv_weight = empty_param(c.q_size + 2 * c.kv_size, c.hidden_size, dtype=dtype, device=device)
         self.qkv_bias = (
@@ -100,9 +119,9 @@ class Attention(nn.Module):
         )
         self.o_weight = empty_param(c.hidden_size, c.q_size, dtype=dtype, device=device)
         self.o_bias = empty_param(c.hidden_size, dtype=dtype, device=device) if c.o_proj_bias else None
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
-        self.scale = c.head_dim**-0.5
+        self.q_norm = make_norm(c, c.head_dim, dtype, device) if c.qk_norm else None
+        self.k_norm = make_norm(c, c.head_dim, dtype, device) if c.qk_norm else None
+        self.scale = (c.gemma.query_pre_attn_scalar if c.gemma else c.head_dim) ** -0.5
 
     def forward(
         self,
@@ -123,19 +142,27 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window)
         return F.linear(out.reshape(num_tokens, c.q_size), self.o_weight, self.o_bias)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one weight."""
+def activation(name: str, gate: torch.Tensor) -> torch.Tensor:
+    """The gate's activation: silu (SwiGLU) or tanh-approximated gelu (Gemma's GeGLU)."""
+    return F.gelu(gate, approximate="tanh") if name == "gelu_pytorch_tanh" else F.silu(gate)
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), gate and up fused into one weight."""
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, inter: int | None = None
+    ) -> None:
         super().__init__()
-        inter, hidden = config.intermediate_size, config.hidden_size
+        inter, hidden = inter or config.intermediate_size, config.hidden_size
+        self.act = config.hidden_act
         self.gate_up_weight = empty_param(2 * inter, hidden, dtype=dtype, device=device)
         self.down_weight = empty_param(hidden, inter, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        return F.linear(activation(self.act, gate) * up, self.down_weight)

@@ -1,7 +1,8 @@
 """Fill a CausalLM from HF safetensors checkpoints (single file or sharded), or with random weights.
 
 The model is built with empty parameters on the target device, then every checkpoint tensor is
-copied straight into its slot (fused q/k/v and gate/up weights take slices), cast to the run dtype.
+copied straight into its slot (fused q/k/v and gate/up weights take slices, each expert of a sparse
+MLP its index of the stacked expert weights), cast to the run dtype.
 The HF model itself is never instantiated.
 """
 
@@ -31,6 +32,7 @@ class Target:
     param: str
     start: int | None = None  # None: the whole parameter
     stop: int | None = None
+    expert: int | None = None  # stacked expert weights: the expert's slice, before start:stop
 
 
 def load_model(
@@ -59,16 +61,20 @@ def weight_targets(config: ModelConfig) -> dict[str, Target]:
 
 def _layer_targets(config: ModelConfig, i: int) -> dict[str, Target]:
     hf, ours = f"model.layers.{i}", f"layers.{i}"
-    q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
+    q, kv = config.q_size, config.kv_size
     qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
     targets = {
         f"{hf}.input_layernorm.weight": Target(f"{ours}.input_norm.weight"),
         f"{hf}.post_attention_layernorm.weight": Target(f"{ours}.post_attn_norm.weight"),
         f"{hf}.self_attn.o_proj.weight": Target(f"{ours}.attn.o_weight"),
-        f"{hf}.mlp.gate_proj.weight": Target(f"{ours}.mlp.gate_up_weight", 0, inter),
-        f"{hf}.mlp.up_proj.weight": Target(f"{ours}.mlp.gate_up_weight", inter, 2 * inter),
-        f"{hf}.mlp.down_proj.weight": Target(f"{ours}.mlp.down_weight"),
     }
+    if config.is_sparse(i):
+        targets |= _sparse_mlp_targets(config, i)
+    else:
+        targets |= _mlp_targets(f"{hf}.mlp", f"{ours}.mlp", config.intermediate_size)
+    if config.gemma:
+        targets[f"{hf}.pre_feedforward_layernorm.weight"] = Target(f"{ours}.pre_ff_norm.weight")
+        targets[f"{hf}.post_feedforward_layernorm.weight"] = Target(f"{ours}.post_ff_norm.weight")
     for name, (start, stop) in qkv_rows.items():
         targets[f"{hf}.self_attn.{name}.weight"] = Target(f"{ours}.attn.qkv_weight", start, stop)
         if config.attention_bias:
@@ -78,6 +84,35 @@ def _layer_targets(config: ModelConfig, i: int) -> dict[str, Target]:
     if config.qk_norm:
         targets[f"{hf}.self_attn.q_norm.weight"] = Target(f"{ours}.attn.q_norm.weight")
         targets[f"{hf}.self_attn.k_norm.weight"] = Target(f"{ours}.attn.k_norm.weight")
+    return targets
+
+
+def _mlp_targets(hf: str, ours: str, inter: int) -> dict[str, Target]:
+    """A gated MLP: HF module ``hf`` (gate/up/down projections) into our MLP ``ours``."""
+    return {
+        f"{hf}.gate_proj.weight": Target(f"{ours}.gate_up_weight", 0, inter),
+        f"{hf}.up_proj.weight": Target(f"{ours}.gate_up_weight", inter, 2 * inter),
+        f"{hf}.down_proj.weight": Target(f"{ours}.down_weight"),
+    }
+
+
+def _sparse_mlp_targets(config: ModelConfig, i: int) -> dict[str, Target]:
+    """Router and experts (one checkpoint tensor per expert and projection), and Qwen2-MoE's shared expert."""
+    moe = config.moe
+    if moe is None:
+        return {}
+    mixtral = config.architecture == "MixtralForCausalLM"
+    hf = f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}"
+    ours, inter = f"layers.{i}.mlp", moe.intermediate_size
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    targets = {f"{hf}.gate.weight": Target(f"{ours}.router_weight")}
+    for e in range(moe.num_experts):
+        targets[f"{hf}.experts.{e}.{gate}.weight"] = Target(f"{ours}.w13", 0, inter, expert=e)
+        targets[f"{hf}.experts.{e}.{up}.weight"] = Target(f"{ours}.w13", inter, 2 * inter, expert=e)
+        targets[f"{hf}.experts.{e}.{down}.weight"] = Target(f"{ours}.w2", expert=e)
+    if moe.shared_expert_size:
+        targets |= _mlp_targets(f"{hf}.shared_expert", f"{ours}.shared", moe.shared_expert_size)
+        targets[f"{hf}.shared_expert_gate.weight"] = Target(f"{ours}.shared_gate_weight")
     return targets
 
 
@@ -123,7 +158,8 @@ def _fill_from_checkpoint(model: CausalLM, config: ModelConfig, path: Path) -> N
 
 @torch.no_grad()
 def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: str) -> None:
-    dest = param if target.start is None else param[target.start : target.stop]
+    dest = param if target.expert is None else param[target.expert]
+    dest = dest if target.start is None else dest[target.start : target.stop]
     if dest.shape != tensor.shape:
         raise JobError(
             f"checkpoint weight {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} "
@@ -134,11 +170,12 @@ def _copy_into(param: torch.Tensor, target: Target, tensor: torch.Tensor, name: 
 
 @torch.no_grad()
 def _fill_random(model: CausalLM, config: ModelConfig) -> None:
-    """Normal(0, initializer_range) weights, ones for norms, zeros for biases; seeded, made on device."""
+    """Normal(0, initializer_range) weights, unit norms, zeros for biases; seeded, made on device."""
     generator = torch.Generator(device=model.embed_tokens.device).manual_seed(_DUMMY_SEED)
+    unit_norm = 0.0 if config.gemma else 1.0  # Gemma's norms scale by (1 + weight)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
+            param.fill_(unit_norm)
         elif name.endswith("bias"):
             param.zero_()
         else:

@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
-from batchllm.testing.tiny import FAMILIES, default_corpus, make_tiny_model, train_tokenizer
+from batchllm.testing.tiny import FAMILIES, make_tiny_model
+from batchllm.testing.tiny_tokenizer import default_corpus, train_tokenizer
 
 DEMO_PREFIX = "Classify the sentiment of this review as positive or negative.\nReview: "
 
