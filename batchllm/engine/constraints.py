@@ -1,0 +1,252 @@
+"""Grammar constraints for structured output (issue #14), on llguidance; knows no engine or sampler.
+
+How a step loop uses it:
+
+    cache = GrammarCache(tokenizer, vocab_size=logits.shape[-1])      # once per job (and model)
+    row.constraint = cache.new_row(spec)                              # per row; ValueError -> bad spec
+    bitmask = cache.allocate_bitmask(max_rows)                        # once; pinned CPU int32
+    # every step, for the rows of the step (None: unconstrained), before sampling:
+    if fill_mask([row.constraint for row in rows], bitmask[: len(rows)]):
+        apply_mask(logits, bitmask[: len(rows)])                      # in place, on logits' device
+    # after sampling, for each constrained row:
+    row.constraint.accept(token)           # False: the row is in error (cannot happen under the mask)
+    for token in row.constraint.forced_tokens():                      # jump-forward, no sampling
+        row.constraint.accept(token); append token
+    row.constraint.is_done()               # nothing but EOS can follow: finish the row
+
+The mask allows EOS only where the grammar is complete (`can_stop()`), and nothing but EOS once
+`is_done()`. `fill_mask` runs on CPU threads with the GIL released, so it can overlap the model's
+forward pass of the same step: the mask depends only on tokens already accepted.
+
+Grammar texts: `json_schema` is a JSON Schema (compact output: `,` and `:` separators, no free
+whitespace; a schema's `"x-guidance"` key can change that), `regex` must match the whole output, and
+`grammar` is a Lark grammar in llguidance's dialect (GBNF converts with `llguidance.gbnf_to_lark`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+GrammarKind = Literal["json_schema", "regex", "grammar"]
+GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "grammar")
+# JSON as a model should write it: no runs of whitespace a sampler could wander into.
+_JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a row's output must match: `kind` is json_schema | regex | grammar, `text` its source."""
+
+    kind: GrammarKind
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(
+                f"unknown grammar kind {self.kind!r}; expected one of {', '.join(GRAMMAR_KINDS)}"
+            )
+        if not isinstance(self.text, str):
+            raise ValueError(f"{self.kind} must be text, got {type(self.text).__name__}")
+
+    @property
+    def digest(self) -> str:
+        """A stable hash (hex sha256) of kind and text; JSON schemas are hashed in compact form, so
+        whitespace does not matter (key order does: it is the order the fields are generated in)."""
+        text = self.text
+        if self.kind == "json_schema":
+            try:
+                text = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+            except ValueError:
+                pass  # compiling reports it
+        return hashlib.sha256(f"{self.kind}\0{text}".encode()).hexdigest()
+
+    def describe(self) -> str:
+        """A short label for error messages: the kind and the start of the text."""
+        head = " ".join(self.text.split())
+        return f"{self.kind} {head[:40]!r}{'...' if len(head) > 40 else ''}"
+
+
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """A spec compiled for one tokenizer; `new_row()` gives a fresh matcher in its start state."""
+
+    spec: GrammarSpec
+    _template: llguidance.LLMatcher = field(repr=False)
+    _executor: llguidance.LLExecutor = field(repr=False)
+
+    def new_row(self) -> RowConstraint:
+        return RowConstraint(self.spec, self._template.deep_copy(), self._executor)
+
+
+class RowConstraint:
+    """One row's matcher: which tokens may come next, given the tokens it has accepted so far."""
+
+    def __init__(self, spec: GrammarSpec, matcher: llguidance.LLMatcher, executor: llguidance.LLExecutor):
+        self.spec = spec
+        self._matcher = matcher
+        self._executor = executor
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past `token_id` (EOS included). False when the grammar does not allow it: the row
+        is then in error for good (see `error`)."""
+        return self._matcher.consume_token(token_id)
+
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar forces next (jump-forward), possibly none. Does not advance:
+        `accept` each of them, in order, before the next step."""
+        return self._matcher.compute_ff_tokens()
+
+    def can_stop(self) -> bool:
+        """The output so far is complete under the grammar: EOS is allowed now."""
+        return self._matcher.is_accepting() and not self._matcher.is_error()
+
+    def is_done(self) -> bool:
+        """Nothing but EOS can follow (or EOS was accepted): the row can finish without sampling."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    @property
+    def error(self) -> str | None:
+        """Why the row failed (a rejected token), one line; None while it is fine."""
+        return _one_line(self._matcher.get_error()) if self._matcher.is_error() else None
+
+
+class GrammarCache:
+    """Compiles each distinct `GrammarSpec` once (by digest) for one tokenizer and logits width.
+
+    `vocab_size` is the width of the model's logits, which can exceed the tokenizer's vocabulary
+    (padded embeddings); ids the tokenizer lacks are always masked out. `eos_token_ids` are the ids
+    that end a row (default: the tokenizer's EOS). `threads`: CPU threads for `fill_mask` (default:
+    llguidance's, 80% of the cores up to 32). Setting up the tokenizer costs about a second at a
+    150k vocabulary, so make one cache per job. Failed compiles are cached too, with their message.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        vocab_size: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size
+        if self.vocab_size < len(tokenizer):
+            raise ValueError(f"vocab_size {self.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+        eos = list(eos_token_ids) if eos_token_ids is not None else [tokenizer.eos_token_id]
+        if not eos or None in eos:
+            raise ValueError("structured output needs an EOS token id; the tokenizer has none")
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        self._executor = llguidance.LLExecutor(num_threads=threads)
+        self._compiled: dict[str, CompiledGrammar] = {}
+        self._failed: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        """How many distinct specs compiled successfully."""
+        return len(self._compiled)
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The compiled grammar for `spec`, compiled on first use. ValueError (one line) if invalid."""
+        key = spec.digest
+        if key in self._failed:
+            raise ValueError(self._failed[key])
+        if key not in self._compiled:
+            try:
+                self._compiled[key] = self._build(spec)
+            except ValueError as e:
+                self._failed[key] = str(e)
+                raise
+        return self._compiled[key]
+
+    def new_row(self, spec: GrammarSpec) -> RowConstraint:
+        """A fresh matcher for one row (compiling `spec` if new). ValueError if `spec` is invalid."""
+        return self.compile(spec).new_row()
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        """A CPU int32 bitmask [rows, ceil(vocab_size / 32)] for `fill_mask`; pinned where CUDA is."""
+        return allocate_bitmask(rows, self.vocab_size)
+
+    def _build(self, spec: GrammarSpec) -> CompiledGrammar:
+        grammar = _grammar_text(spec)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"invalid {spec.describe()}: {_one_line(matcher.get_error())}")
+        for warning in matcher.get_grammar_warnings():
+            logger.warning("%s: %s", spec.describe(), _one_line(warning))
+        return CompiledGrammar(spec, matcher, self._executor)
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """A CPU int32 bitmask [rows, ceil(vocab_size / 32)], all allowed; pinned where CUDA is."""
+    shape = (rows, (vocab_size + 31) // 32)
+    return torch.full(shape, -1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+
+
+def fill_mask(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor) -> bool:
+    """Write row i's allowed tokens into `bitmask[i]` (bit j of word k: token 32 k + j) for each row
+    of a step; rows whose constraint is None get all bits set. Returns whether any row is constrained
+    (if not, `apply_mask` can be skipped). `bitmask`: contiguous CPU int32 [>= rows, words], as from
+    `GrammarCache.allocate_bitmask`; all constraints must come from caches of the same vocab_size."""
+    if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
+        raise ValueError("bitmask must be a 2-D int32 CPU tensor")
+    if bitmask.shape[0] < len(constraints):
+        raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(constraints)} constraints")
+    rows = bitmask[: len(constraints)]
+    rows.fill_(-1)
+    work = [(c._matcher, i) for i, c in enumerate(constraints) if c is not None]
+    if not work:
+        return False
+    executor = next(c for c in constraints if c is not None)._executor
+    llguidance.torch.fill_next_token_bitmask_par(executor, work, rows)
+    return True
+
+
+def apply_mask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set `logits[i, j]` to -inf where bit j of `bitmask[i]` is 0, in place, on the logits' device.
+
+    `logits`: float [rows, vocab]; `bitmask`: int32 [rows, >= ceil(vocab / 32)], on any device (it
+    is copied to the logits' device, asynchronously from pinned memory: refill it only after the
+    step's sampled ids are read back, which waits for the copy). Rows with all bits set stay as they
+    were. Call it before temperature, top-k and top-p, so they see only the allowed tokens.
+    """
+    rows, vocab = logits.shape
+    if bitmask.shape[0] != rows or bitmask.shape[1] * 32 < vocab:
+        raise ValueError(f"bitmask {tuple(bitmask.shape)} does not cover logits {tuple(logits.shape)}")
+    words = bitmask.to(logits.device, non_blocking=True).contiguous()
+    # Bytes of an int32 are little-endian on CPUs and GPUs alike: token j is bit j % 8 of byte j // 8.
+    as_bytes = words.view(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    allowed = ((as_bytes.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, :vocab]
+    logits.masked_fill_(allowed == 0, float("-inf"))
+
+
+def _grammar_text(spec: GrammarSpec) -> str:
+    """The spec as an llguidance grammar; ValueError for text that is not even JSON."""
+    if spec.kind == "json_schema":
+        try:
+            schema = json.loads(spec.text)
+        except ValueError as e:
+            raise ValueError(f"invalid {spec.describe()}: not JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"invalid {spec.describe()}: a JSON schema must be an object")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.text)
+    return llguidance.LLMatcher.grammar_from_lark(spec.text)
+
+
+def _one_line(message: str) -> str:
+    """llguidance's multi-line errors (source excerpts, parser state) cut to their informative lines."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    keep = [lines[0]] + [line for line in lines[1:] if line.startswith("error:")]
+    return " ".join(keep)[:300]
