@@ -99,9 +99,9 @@ def worker(data: Path, check: bool) -> dict[str, float | int | str]:
 
     seqs = TokenSeqs(np.load(data / "tokens.npy"), np.load(data / "offsets.npy"))
     t0 = time.perf_counter()
-    tree = PrefixTree.build(seqs)
+    tree = PrefixTree.build(seqs.without_tails(np.ones(len(seqs), dtype=np.int64)))
     t1 = time.perf_counter()
-    plan = plan_tree(tree)
+    plan = plan_tree(tree, seqs)
     t2 = time.perf_counter()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out: dict[str, float | int | str] = {"build_s": t1 - t0, "plan_s": t2 - t1, "peak_gb": peak_gb}

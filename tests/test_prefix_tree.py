@@ -51,23 +51,37 @@ def first_equal(rows: Rows) -> list[int]:
 
 
 def naive_groups(rows: Rows, min_saving: int, dedup: bool) -> set[tuple[int, ...]]:
-    """The selection rule of plan.py written plainly over a set of tuples."""
+    """The selection rule of plan.py written plainly over a set of tuples: the tree holds every row less
+    its last token (its tail), and rows count at the node where that key ends."""
+    keys = [tuple(r[:-1]) for r in rows]
     ending: dict[tuple[int, ...], int] = {}
-    for r in rows:
-        ending[tuple(r)] = 1 if dedup else ending.get(tuple(r), 0) + 1
+    seen: set[tuple[int, ...]] = set()
+    for r, key in zip(rows, keys):
+        if not (dedup and tuple(r) in seen):
+            ending[key] = ending.get(key, 0) + 1
+        seen.add(tuple(r))
     nexts: dict[tuple[int, ...], set[int]] = {}
-    for r in rows:
-        for k in range(len(r)):
-            nexts.setdefault(tuple(r[:k]), set()).add(r[k])
+    for key in keys:
+        for k in range(len(key)):
+            nexts.setdefault(key[:k], set()).add(key[k])
     nodes = {p for p, s in nexts.items() if len(s) > 1} | set(ending) | {()}
     parent = {v: next(v[:k] for k in range(len(v) - 1, -1, -1) if v[:k] in nodes) for v in nodes if v}
     units = dict.fromkeys(nodes, 0)
     chosen: set[tuple[int, ...]] = set()
     for v in sorted(nodes - {()}, key=len, reverse=True):
+        units[v] += ending.get(v, 0)
         if (units[v] - 1) * (len(v) - len(parent[v])) > min_saving:
             chosen.add(v)
-        units[parent[v]] += (1 if v in chosen else units[v]) + ending.get(v, 0)
+        units[parent[v]] += 1 if v in chosen else units[v]
     return chosen
+
+
+def plan_of(rows: Rows, **options):
+    """The plan through plan_tree, on a checked tree over the rows less their last token."""
+    seqs = TokenSeqs.from_lists(rows)
+    tree = PrefixTree.build(seqs.without_tails(np.ones(len(rows), dtype=np.int64)))
+    tree.check_invariants()
+    return seqs, plan_tree(tree, seqs, **options)
 
 
 def node_prefix(seqs: TokenSeqs, plan, i: int) -> tuple[int, ...]:
@@ -106,9 +120,9 @@ def test_tree_holds_every_prompt_in_lexicographic_order(rows: Rows) -> None:
 @settings(max_examples=300, deadline=None)
 @given(ROWS, PLAN_OPTIONS)
 def test_plan_groups_nest_and_rows_run_depth_first(rows: Rows, options: dict) -> None:
-    seqs, tree = build(rows)
-    plan = plan_tree(tree, **options)
+    seqs, plan = plan_of(rows, **options)
     plan.check_invariants()
+    assert plan.stats.unique_prompt_tokens == len(distinct_prefixes(rows))
     prefixes = [node_prefix(seqs, plan, i) for i in range(plan.num_nodes)]
     assert set(prefixes[1:]) == naive_groups(rows, options["min_saving_tokens"], options["dedup"])
     assert len(set(prefixes)) == plan.num_nodes
@@ -149,12 +163,11 @@ def check_groups_contiguous(plan) -> None:
 @settings(max_examples=100, deadline=None)
 @given(ROWS)
 def test_without_sharing_every_row_computes_its_whole_prompt(rows: Rows) -> None:
-    seqs, tree = build(rows)
-    plan = plan_tree(tree, sharing=False, dedup=False)
+    _, plan = plan_of(rows, sharing=False, dedup=False)
     plan.check_invariants()
     assert plan.num_nodes == 1 and not plan.row_node.any()
     assert plan.stats.prefill_tokens_planned == plan.stats.prompt_tokens == sum(map(len, rows))
-    deduped = plan_tree(tree, sharing=False)
+    _, deduped = plan_of(rows, sharing=False)
     deduped.check_invariants()
     assert deduped.stats.prefill_tokens_planned == sum(len(r) for r in {tuple(r) for r in rows})
 
@@ -231,7 +244,7 @@ def test_no_rows_gives_a_root_only_plan() -> None:
 
 
 def test_bad_input_is_refused_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="no tokens"):
+    with pytest.raises(ValueError, match="tail"):
         make_plan(TokenSeqs.from_lists([[1], []]))
     with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
         TokenSeqs.from_lists([[1, -1]])
@@ -253,3 +266,25 @@ def test_many_rows_with_long_shared_runs_match_a_plain_sort() -> None:
     assert [rows[i] for i in tree.order] == sorted(rows)
     assert tree.unique_prompt_tokens == len(distinct_prefixes(rows))
     make_plan(seqs).check_invariants()
+
+
+def test_identical_prompts_under_sampling_share_all_but_their_last_token() -> None:
+    prompt = np.random.default_rng(3).integers(0, 1000, 200)
+    plan = make_plan(TokenSeqs.from_lists([prompt] * 8), dedup=False)
+    plan.check_invariants()
+    assert plan.stats.groups == 1 and plan.node_length.tolist() == [0, 199]
+    assert plan.stats.prefill_tokens_planned == 199 + 8  # vs 1,600 when each row computes its prompt
+    assert plan.stats.prefill_tokens_planned <= 1.05 * plan.stats.unique_prompt_tokens
+
+
+def test_rows_with_longer_tails_attach_above_them() -> None:
+    """Scoring prompt + choice: each row computes the prompt's last token and its choice itself."""
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, 1000, 100).tolist()
+    choices = [[5], [6, 7, 8], [6, 9]]
+    rows = [prompt + c for c in choices]
+    tails = np.array([len(c) + 1 for c in choices])
+    plan = make_plan(TokenSeqs.from_lists(rows), tails=tails)
+    plan.check_invariants()
+    assert plan.node_length.tolist() == [0, 99] and plan.row_node.tolist() == [1, 1, 1]
+    assert plan.stats.prefill_tokens_planned == 99 + sum(tails)

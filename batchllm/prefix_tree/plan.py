@@ -1,8 +1,13 @@
 """Choose the shared prefixes worth computing once, and the order the rows run in.
 
-Selection, bottom-up over the radix tree (deepest nodes first, one vectorised step per level):
+The tree is built over each row less its *tail*: the trailing tokens the row must compute itself (one,
+to get the logits of its next token; a scored continuation's tokens plus one). So a row may attach to
+any prefix that leaves its tail to it, and identical prompts (sampled N ways, or duplicates under
+sampling) share everything but their last token.
 
-    units(v)  = sum over children c of (1 if c is chosen else units(c)) + rows ending at c
+Selection, bottom-up over that tree (deepest nodes first, one vectorised step per level):
+
+    units(v)  = rows ending at v + sum over children c of (1 if c is chosen else units(c))
     saving(v) = (units(v) - 1) * (length(v) - length(parent(v)))
     chosen(v) = saving(v) > min_saving_tokens
 
@@ -15,9 +20,8 @@ sequence), so two rows sharing a few accidental tokens never make a node. The sa
 the node's own edge; where the parent is dropped the true saving is larger, by less than
 `min_saving_tokens` (the parent fell below it), so the rule errs towards fewer, safer nodes.
 
-A row attaches to its deepest chosen prefix strictly shorter than the row (it must compute at
-least one token itself to get logits). Rows run depth first: every chosen prefix's rows are
-contiguous in `row_order`, so its KV is live only while its subtree runs.
+A row attaches to its deepest chosen prefix that leaves its tail to it. Rows run depth first: every
+chosen prefix's rows are contiguous in `row_order`, so its KV is live only while its subtree runs.
 """
 
 from __future__ import annotations
@@ -151,29 +155,33 @@ class Plan:
 def make_plan(
     seqs: TokenSeqs,
     *,
+    tails: np.ndarray | None = None,
     sharing: bool = True,
     min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
     dedup: bool = True,
 ) -> Plan:
-    """Plan `seqs`: build the global prefix tree, then `plan_tree`. Rows must not be empty."""
+    """Plan `seqs` (rows must not be empty): build the global prefix tree over the rows less their
+    tails (``tails[i]`` >= 1 tokens of row i it computes itself; default 1), then `plan_tree`."""
     _check_options(min_saving_tokens)  # before the build, which is the slow part
-    return plan_tree(
-        PrefixTree.build(seqs), sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup
-    )
+    tails = np.ones(len(seqs), dtype=np.int64) if tails is None else np.asarray(tails, dtype=np.int64)
+    tree = PrefixTree.build(seqs.without_tails(tails))
+    return plan_tree(tree, seqs, sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup)
 
 
 def plan_tree(
     tree: PrefixTree,
+    seqs: TokenSeqs,
     *,
     sharing: bool = True,
     min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
     dedup: bool = True,
 ) -> Plan:
-    """Choose groups on an already built tree (see the module docstring for the rule); rows run in
-    lexicographic order, which is depth first."""
+    """Choose groups on a tree already built over ``seqs`` less each row's tail (see the module
+    docstring for the rule); rows run in the tree's lexicographic order, which is depth first."""
     _check_options(min_saving_tokens)
     n = tree.num_rows
-    dup = tree.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
+    full = PrefixTree.build(seqs)  # over whole rows: their duplicates and distinct tokens
+    dup = full.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
     is_rep = dup == np.arange(n)
     ending = np.bincount(tree.row_leaf, weights=is_rep, minlength=tree.num_nodes).astype(np.int64)
     chosen = _choose(tree, ending, min_saving_tokens) if sharing else np.zeros(tree.num_nodes, bool)
@@ -182,14 +190,14 @@ def plan_tree(
     plan_id = np.cumsum(chosen) - 1
     idx = np.flatnonzero(chosen)
     below = np.concatenate([[0], np.cumsum(is_rep[tree.order])])
-    num_rows = (below[tree.node_hi] - below[tree.node_lo] - ending)[idx]
-    num_rows[0] = int(is_rep.sum())  # no row ends at the root: rows are never empty
+    num_rows = (below[tree.node_hi] - below[tree.node_lo])[idx]
     parent = np.where(idx > 0, plan_id[np.maximum(above[idx], 0)], -1)
-    row_node = plan_id[above[tree.row_leaf]]
+    leaf = tree.row_leaf
+    row_node = plan_id[np.where(chosen[leaf], leaf, above[leaf])]
     length = tree.node_length[idx]
     row_order = tree.order[is_rep[tree.order]]
-    stats = _stats(tree, length, parent, num_rows, row_node, dup)
-    return Plan(tree.seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
+    stats = _stats(seqs, full.unique_prompt_tokens, length, parent, num_rows, row_node, dup)
+    return Plan(seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
 
 
 def _check_options(min_saving_tokens: int) -> None:
@@ -204,9 +212,10 @@ def _choose(tree: PrefixTree, ending: np.ndarray, min_saving: int) -> np.ndarray
     units = np.zeros(tree.num_nodes, dtype=np.int64)
     chosen = np.zeros(tree.num_nodes, dtype=bool)
     for v in reversed(by_level(tree.node_level)[1:]):
+        units[v] += ending[v]
         take = (units[v] - 1) * edge[v] > min_saving
         chosen[v] = take
-        np.add.at(units, parent[v], np.where(take, 1, units[v]) + ending[v])
+        np.add.at(units, parent[v], np.where(take, 1, units[v]))
     return chosen
 
 
@@ -219,8 +228,8 @@ def _chosen_above(tree: PrefixTree, chosen: np.ndarray) -> np.ndarray:
     return above
 
 
-def _stats(tree, length, parent, num_rows, row_node, dup) -> PlanStats:
-    lengths = tree.seqs.lengths
+def _stats(seqs: TokenSeqs, unique: int, length, parent, num_rows, row_node, dup) -> PlanStats:
+    lengths = seqs.lengths
     reps = np.flatnonzero(dup == np.arange(dup.size))
     own = length[1:] - length[parent[1:]]
     distinct = lengths[reps] - length[row_node[reps]]
@@ -230,7 +239,7 @@ def _stats(tree, length, parent, num_rows, row_node, dup) -> PlanStats:
     return PlanStats(
         rows=int(dup.size),
         prompt_tokens=prompt,
-        unique_prompt_tokens=tree.unique_prompt_tokens,
+        unique_prompt_tokens=unique,
         prefill_tokens_planned=planned,
         saving_ratio=1.0 - planned / prompt if prompt else 0.0,
         groups=groups,

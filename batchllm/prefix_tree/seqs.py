@@ -65,6 +65,15 @@ class TokenSeqs:
     def row(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def without_tails(self, tails: np.ndarray) -> TokenSeqs:
+        """Every row less its last ``tails[i]`` tokens (1 <= tails[i] <= its length)."""
+        lengths = self.lengths
+        if tails.shape != lengths.shape or (lengths.size and (tails.min() < 1 or np.any(tails > lengths))):
+            raise ValueError("each row's tail must hold between 1 token and the whole row")
+        keep = lengths - tails
+        offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+        return TokenSeqs(self.tokens[ragged_arange(self.offsets[:-1], keep)], offsets)
+
 
 def ragged_arange(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""

@@ -43,10 +43,7 @@ class PrefixTree:
 
     @classmethod
     def build(cls, seqs: TokenSeqs) -> PrefixTree:
-        lengths = seqs.lengths
-        if lengths.size and lengths.min() == 0:
-            row = int(np.flatnonzero(lengths == 0)[0])
-            raise ValueError(f"row {row} has no tokens; drop empty prompts before planning")
+        """The tree of ``seqs``; empty rows end at the root."""
         return _Builder(seqs).run()
 
     @property
@@ -161,8 +158,13 @@ class _Builder:
         n = len(self.seqs)
         zero, one = np.zeros(1, np.int64), np.ones(1, np.int64)
         self._add_nodes(zero, -one, zero, zero, n * one)
-        groups = _Groups(zero, n * one, zero, zero, zero, zero)
-        if n == 0:
+        empty = self.lengths == 0  # they end at the root and sort first
+        self.order = np.concatenate([np.flatnonzero(empty), np.flatnonzero(~empty)])
+        first = int(empty.sum())
+        if first:
+            self.ends.append((zero, zero, first * one))
+        groups = _Groups(first * one, n * one, zero, zero, zero, zero)
+        if first == n:
             groups = groups.take(np.zeros(1, dtype=bool))
         while groups.lo.size:
             groups = self._round(groups)
