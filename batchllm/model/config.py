@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm.errors import JobError
+from batchllm.model.gguf_file import find_gguf, is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ class ModelConfig:
 
 def load_model_config(path: Path) -> ModelConfig:
     """Read ``path/config.json`` (and ``generation_config.json`` if present) into a ModelConfig."""
+    if is_gguf(path):
+        from batchllm.model.gguf import load_gguf_config
+
+        return load_gguf_config(path)
     raw = _read_json(path / "config.json", required=True)
     architecture = _architecture(raw)
     try:
@@ -135,8 +140,12 @@ def load_model_config(path: Path) -> ModelConfig:
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """A local model directory as is; anything else is a hub id, downloaded (or found in the HF cache)."""
+    """A local model directory as is (a .gguf file, or a directory holding only one, as that file);
+    anything else is a hub id, downloaded (or found in the HF cache)."""
     local = Path(name_or_path).expanduser()
+    gguf = find_gguf(local)
+    if gguf is not None:
+        return gguf
     if local.is_dir():
         return local
     if name_or_path.startswith(("/", "./", "../", "~")):
