@@ -266,18 +266,18 @@ def demo(
     rows: Annotated[int, Opt(help="Rows in the demo dataset.")] = 48,
     keep: Annotated[Path | None, Opt(help="Keep the demo files in this directory.")] = None,
 ) -> None:
-    """Run the whole pipeline on a tiny random model and a generated reviews file, offline."""
+    """Run the whole pipeline on a generated reviews file, offline: with SmolLM2-135M when it has been
+    fetched (see README), else with a tiny random model."""
     import tempfile
 
-    from batchllm.demo_data import write_demo_job
+    from batchllm.demo_data import choose_demo_job
 
     _logging(False)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        err.print("[bold]batchllm demo[/]: a tiny model with RANDOM weights, so its outputs are noise;")
-        err.print("the point is to see the pipeline run end to end with nothing to download.\n")
-        demo_job = write_demo_job(workdir, rows=rows)
+        demo_job, banner = choose_demo_job(workdir, rows=rows)
+        err.print(f"[bold]batchllm demo[/]: {banner}\n")
         job = JobSpec(
             input=demo_job.input_path,
             model=str(demo_job.model_dir),
@@ -285,7 +285,8 @@ def demo(
             id_column="review_id",
             keep_columns=("stars",),
             prefix=demo_job.prefix_path.read_text(encoding="utf-8"),
-            sampling=SamplingParams(max_new_tokens=24),
+            chat=demo_job.chat,
+            sampling=SamplingParams(max_new_tokens=demo_job.max_new_tokens),
             engine=EngineConfig(device="cpu"),
         )
         with _job_errors(False):
