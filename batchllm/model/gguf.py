@@ -112,7 +112,7 @@ def fill_from_gguf(model: CausalLM, config: ModelConfig, path: Path) -> None:
     loaded: set[str] = set()
     for tensor in header.tensors:
         if tensor.name == ROPE_FREQS:
-            factors = torch.from_numpy(data.dequantized(tensor)).to(model.inv_freq)
+            factors = data.dequantized(tensor).to(model.inv_freq)
             model.inv_freq = model.inv_freq / factors
             continue
         hf_name = hf_tensor_name(tensor.name)
@@ -120,7 +120,7 @@ def fill_from_gguf(model: CausalLM, config: ModelConfig, path: Path) -> None:
         if hf_name is None or target is None:
             logger.debug("ignoring GGUF tensor %s", tensor.name)
             continue
-        weight = torch.from_numpy(data.dequantized(tensor))
+        weight = data.dequantized(tensor)
         if permuted and ".self_attn.q_proj." in hf_name:
             weight = _unpermute(weight, config.num_heads)
         elif permuted and ".self_attn.k_proj." in hf_name:

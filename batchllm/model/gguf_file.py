@@ -3,7 +3,7 @@
 The header is parsed here with ``struct`` rather than by ``gguf.GGUFReader``, which builds a numpy
 view per vocabulary string and takes seconds on a 49k-token vocabulary; string arrays (the
 vocabulary, the merges) are skipped and kept only as their length. Tensor data is memory-mapped
-and dequantized one tensor at a time by ``gguf.quants.dequantize``.
+and dequantized one tensor at a time (``gguf_dequant``).
 
 Layout (GGUF v2/v3, little-endian):
     "GGUF" | u32 version | u64 tensor_count | u64 kv_count
@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from batchllm.errors import JobError
+from batchllm.model.gguf_dequant import dequantize
 
 GGUF_SUFFIX = ".gguf"
 # metadata value type -> struct format (8 is a string, 9 an array)
@@ -157,11 +159,11 @@ class TensorData:
     def __init__(self, path: Path) -> None:
         self._data = np.memmap(path, dtype=np.uint8, mode="c")
 
-    def dequantized(self, tensor: GgufTensor) -> np.ndarray:  # float32, tensor.shape
+    def dequantized(self, tensor: GgufTensor) -> torch.Tensor:  # tensor.shape, float (not always float32)
         rows, cols = tensor.shape[:-1], tensor.shape[-1]
         row_bytes = _row_bytes(tensor.ggml_type, cols)
         raw = self._data[tensor.offset : tensor.offset + prod(rows) * row_bytes]
-        return _dequantize(raw.reshape(*rows, row_bytes), tensor.ggml_type)
+        return dequantize(raw.reshape(*rows, row_bytes), tensor.ggml_type, tensor.shape)
 
 
 def _dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
