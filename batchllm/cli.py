@@ -190,18 +190,19 @@ def demo(
     rows: Annotated[int, Opt(help="Rows in the demo dataset.")] = 48,
     keep: Annotated[Path | None, Opt(help="Keep the demo files in this directory.")] = None,
 ) -> None:
-    """Run the whole pipeline on a tiny random model and a generated reviews file, offline."""
+    """Run the whole pipeline on a generated reviews file, offline: with SmolLM2-135M when it has been
+    fetched (see README), else with a tiny random model."""
     import tempfile
 
-    from batchllm.testing.demo import preview, write_demo_job
+    from batchllm.testing.demo import choose_demo_job, preview
 
     _logging(False)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        err.print("[bold]batchllm demo[/]: a tiny model with RANDOM weights, so its outputs are noise;")
-        err.print("the point is to see the pipeline run end to end with nothing to download.\n")
-        spec = write_demo_job(workdir, rows=rows).spec()
+        demo_job, banner = choose_demo_job(workdir, rows=rows)
+        err.print(f"[bold]batchllm demo[/]: {banner}\n")
+        spec = demo_job.spec()
         with _job_errors(False):
             _run(spec, False)
         err.print(preview(spec.output))

@@ -40,10 +40,11 @@ def input_fingerprint(source: InputSource) -> dict:
 
 def weights_fingerprint(model_path: Path, load_format: str) -> str:
     """Names, sizes and modification times of the config and weight files (cheap, no full read)."""
-    if load_format == "dummy":
+    if load_format == "dummy" and model_path.is_dir():
         return "dummy:" + _file_hash(model_path / "config.json")
     parts = []
-    for f in sorted(model_path.glob("*.json")) + sorted(model_path.glob("*.safetensors")):
+    files = [model_path] if model_path.is_file() else []  # a GGUF file
+    for f in files + sorted(model_path.glob("*.json")) + sorted(model_path.glob("*.safetensors")):
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest()

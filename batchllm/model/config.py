@@ -11,6 +11,7 @@ from typing import Any
 from batchllm.errors import JobError
 from batchllm.model import families
 from batchllm.model.families import GemmaConfig, MoEConfig
+from batchllm.model.gguf_file import find_gguf, is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +144,11 @@ def _sparse_mlp_params(moe: MoEConfig, hidden: int, active: bool) -> int:
 
 def load_model_config(path: Path) -> ModelConfig:
     """Read ``path/config.json`` (and ``generation_config.json`` if present) into a ModelConfig."""
-    raw = _read_json(path / "config.json", required=True)
-    architecture = _architecture(raw)
-    try:
-        from transformers import AutoConfig
+    if is_gguf(path):
+        from batchllm.model.gguf import load_gguf_config
 
-        hf = AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # transformers raises many types for a bad config
-        raise JobError(f"cannot read model config in {path}: {_one_line(e)}") from e
+        return load_gguf_config(path)
+    architecture, hf = _hf_config(path)
     families.check_features(hf, architecture)
     theta, scaling = _rope(families.global_rope_parameters(hf, architecture), getattr(hf, "rope_theta", None))
     is_qwen2 = architecture in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
@@ -183,9 +181,24 @@ def load_model_config(path: Path) -> ModelConfig:
     )
 
 
+def _hf_config(path: Path) -> tuple[str, Any]:
+    """(architecture, transformers config) of a model directory; JobError when it is not one we run."""
+    architecture = _architecture(_read_json(path / "config.json", required=True))
+    try:
+        from transformers import AutoConfig
+
+        return architecture, AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a bad config
+        raise JobError(f"cannot read model config in {path}: {_one_line(e)}") from e
+
+
 def resolve_model_path(name_or_path: str) -> Path:
-    """A local model directory as is; anything else is a hub id, downloaded (or found in the HF cache)."""
+    """A local model directory as is (a .gguf file, or a directory holding only one, as that file);
+    anything else is a hub id, downloaded (or found in the HF cache)."""
     local = Path(name_or_path).expanduser()
+    gguf = find_gguf(local)
+    if gguf is not None:
+        return gguf
     if local.is_dir():
         return local
     if name_or_path.startswith(("/", "./", "../", "~")):

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from batchllm.errors import JobError
 from batchllm.model.config import ModelConfig
 from batchllm.model.decoder import CausalLM
+from batchllm.model.gguf_file import is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ def load_model(
     model = CausalLM(config, dtype, device).eval()
     if dummy:
         _fill_random(model, config)
+    elif is_gguf(path):
+        from batchllm.model.gguf import fill_from_gguf
+
+        fill_from_gguf(model, config, path)
     else:
         _fill_from_checkpoint(model, config, path)
     return model

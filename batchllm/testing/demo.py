@@ -12,10 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.testing.smollm2 import find_smollm2_gguf
 from batchllm.testing.tiny import FAMILIES, make_tiny_model
 from batchllm.testing.tiny_tokenizer import default_corpus, train_tokenizer
 
 DEMO_PREFIX = "Classify the sentiment of this review as positive or negative.\nReview: "
+# With a real chat model (SmolLM2-135M-Instruct) the prefix is the system message.
+DEMO_SYSTEM = "Classify the sentiment of the customer review. Answer with one word: positive or negative."
 
 _POSITIVE = (
     "Love it!", "Works great.", "Exactly what I needed.", "Fast shipping and well made.",
@@ -37,6 +40,8 @@ class DemoJob:
     input_path: Path  # Parquet: review_id (string), text (string), stars (int)
     prefix_path: Path  # the shared instruction put in front of every review
     output_path: Path  # where the demo run writes its results (not created here)
+    chat: bool = False  # True with a real chat model: the prefix is its system message
+    max_new_tokens: int = 24
 
     def spec(self) -> JobSpec:
         return JobSpec(
@@ -46,9 +51,32 @@ class DemoJob:
             id_column="review_id",
             keep_columns=("stars",),
             prefix=self.prefix_path.read_text(encoding="utf-8"),
-            sampling=SamplingParams(max_new_tokens=24),
+            chat=self.chat,
+            sampling=SamplingParams(max_new_tokens=self.max_new_tokens),
             engine=EngineConfig(device="cpu"),
         )
+
+
+def choose_demo_job(workdir: Path, rows: int = 48) -> tuple[DemoJob, str]:
+    """SmolLM2-135M-Instruct's demo when its GGUF has been fetched, else the tiny random model's;
+    with a line that says which."""
+    gguf = find_smollm2_gguf()
+    if gguf is not None:
+        return write_real_demo_job(workdir, gguf, rows), f"{gguf.name} labels each review's sentiment."
+    banner = (
+        "a tiny model with RANDOM weights, so its outputs are noise;\n"
+        "the point is to see the pipeline run end to end with nothing to download."
+    )
+    return write_demo_job(workdir, rows), banner
+
+
+def write_real_demo_job(workdir: Path, gguf: Path, rows: int = 48) -> DemoJob:
+    """The demo reviews for a real chat model (a GGUF file): a one-word sentiment label per review."""
+    if rows < 1:
+        raise ValueError(f"the demo needs at least one row, got rows={rows}")
+    input_path, prefix_path = _write_reviews(Path(workdir), rows, DEMO_SYSTEM)
+    output_path = Path(workdir) / "reviews_out.parquet"
+    return DemoJob(gguf, input_path, prefix_path, output_path, chat=True, max_new_tokens=4)
 
 
 def preview(output: Path, rows: int = 5) -> Table:
@@ -79,18 +107,26 @@ def write_demo_job(workdir: Path, rows: int = 48, family: str = "qwen2") -> Demo
         workdir / "model", family, tokenizer_dir=tokenizer_dir, tie_word_embeddings=True
     )
 
+    input_path, prefix_path = _write_reviews(workdir, rows, DEMO_PREFIX)
+    return DemoJob(model_dir, input_path, prefix_path, workdir / "reviews_out.parquet")
+
+
+def _write_reviews(workdir: Path, rows: int, prefix: str) -> tuple[Path, Path]:
+    """reviews.parquet and prompt.txt under ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    reviews = make_reviews(rows)
     input_path = workdir / "reviews.parquet"
     table = pa.table(
         {
             "review_id": pa.array([f"rev-{i:04d}" for i in range(rows)], pa.string()),
-            "text": pa.array(texts, pa.string()),
+            "text": pa.array([text for text, _ in reviews], pa.string()),
             "stars": pa.array([stars for _, stars in reviews], pa.int64()),
         }
     )
     pq.write_table(table, input_path)
     prefix_path = workdir / "prompt.txt"
-    prefix_path.write_text(DEMO_PREFIX, encoding="utf-8")
-    return DemoJob(model_dir, input_path, prefix_path, workdir / "reviews_out.parquet")
+    prefix_path.write_text(prefix, encoding="utf-8")
+    return input_path, prefix_path
 
 
 def make_reviews(rows: int, seed: int = 0) -> list[tuple[str, int]]:
