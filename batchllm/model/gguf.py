@@ -83,7 +83,6 @@ def load_gguf_config(path: Path) -> ModelConfig:
         eos_token_ids=_eos_token_ids(header.metadata),
         bos_token_id=header.metadata.get("tokenizer.ggml.bos_token_id"),
         o_proj_bias="blk.0.attn_output.bias" in names,
-        checkpoint_dtype=_float_dtype(header),
     )
 
 
@@ -200,10 +199,3 @@ def _eos_token_ids(metadata: dict[str, Any]) -> tuple[int, ...]:
     keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     ids = [metadata.get(f"tokenizer.ggml.{key}") for key in keys]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def _float_dtype(header: GgufHeader) -> str | None:
-    """The float type the matrices are stored in; None for a quantized file."""
-    names = {0: "float32", 1: "float16", 30: "bfloat16"}
-    types = {t.ggml_type for t in header.tensors if len(t.shape) > 1}
-    return names[types.pop()] if len(types) == 1 and types <= set(names) else None
