@@ -129,7 +129,10 @@ def test_configs_refuse_wrong_types_and_non_finite_numbers():
         (lambda: EngineConfig(prefix_sharing="false"), "prefix-sharing"),
         (lambda: EngineConfig(token_budget=8.9), "token-budget"),
         (lambda: JobSpec(Path("i.parquet"), "m", Path("o.parquet"), chat="false"), "chat"),
-        (lambda: JobSpec(Path("i.parquet"), "m", Path("o.parquet"), checkpoint_seconds=float("nan")), "seconds"),
+        (
+            lambda: JobSpec(Path("i.parquet"), "m", Path("o.parquet"), checkpoint_seconds=float("nan")),
+            "seconds",
+        ),
         (lambda: JobSpec(Path("i.parquet"), "m", Path("o.parquet"), window_rows=True), "window"),
     ]
     for make, setting in cases:
@@ -161,13 +164,19 @@ def test_a_non_utf8_jsonl_line_is_that_rows_error(job):
 
 
 def test_a_non_utf8_parquet_string_is_that_rows_error(job):
-    texts = pa.array([b"one", b"bad \xff bytes", b"two"], type=pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"text": texts}), job["input"])
-    code, text = run_cli(*base_args(job))
+    def strings(*values: bytes) -> pa.Array:  # Parquet stores string bytes unchecked
+        return pa.array(values, type=pa.binary()).view(pa.string())
+
+    texts = strings(b"one", b"bad \xff bytes", b"two", b"three")
+    rids = strings(b"r0", b"r1", b"r\xc3", b"r3")
+    pq.write_table(pa.table({"text": texts, "rid": rids}), job["input"])
+    code, text = run_cli(*base_args(job), "--id-column", "rid")
     assert code == 1, text
     rows = pq.read_table(job["output"]).to_pylist()
-    assert [r["finish_reason"] == "error" for r in rows] == [False, True, False]
-    assert "not valid UTF-8" in rows[1]["error"] and rows[1]["output"] is None
+    assert [r["finish_reason"] == "error" for r in rows] == [False, True, True, False]
+    assert rows[1]["error"].startswith("text is not valid UTF-8") and rows[1]["output"] is None
+    assert rows[2]["error"].startswith("id column 'rid' is not valid UTF-8") and rows[2]["id"] is None
+    assert [r["id"] for r in rows] == ["r0", "r1", None, "r3"]
 
 
 def test_a_binary_prefix_file_is_named(job):
@@ -183,7 +192,9 @@ def test_a_directory_given_as_prefix_is_called_a_directory(job):
     assert str(job["tmp"]) in line and "is a directory" in line and "does not exist" not in line
 
 
-@pytest.mark.parametrize("content", ["", "{not json", '{"input": {}}', "[1, 2]", '{"input": 1, "settings": {}}'])
+@pytest.mark.parametrize(
+    "content", ["", "{not json", '{"input": {}}', "[1, 2]", '{"input": 1, "settings": {}}']
+)
 def test_an_unreadable_manifest_is_named_with_how_to_recover(job, content):
     run_dir = job["tmp"] / "o.parquet.run"
     run_dir.mkdir()

@@ -81,10 +81,15 @@ def _parse_chunk(
     read = pj.ReadOptions(block_size=min(max(len(data), 1), _MAX_BLOCK), use_threads=False)
     try:
         table = pj.read_json(io.BytesIO(data), read_options=read, parse_options=parse)
-        table.validate(full=True)  # pyarrow.json does not check that strings are UTF-8
+        _check_utf8(table)
         return table
     except pa.ArrowException:
         return _parse_python(lines, first_line, path)
+
+
+def _check_utf8(table: pa.Table) -> None:
+    """pyarrow.json lets bytes that are not UTF-8 into strings; a full validation raises ArrowInvalid."""
+    table.validate(full=True)
 
 
 def _parse_python(lines: list[bytes], first_line: int, path: Path) -> PythonRows:
