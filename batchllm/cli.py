@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
-from batchllm.errors import JobError
-from batchllm.job.job_file import job_spec, merge_job_file
+from batchllm.errors import JobError, SettingError
+from batchllm.job.job_file import job_spec, merge_job_file, read_prefix
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference with global prefix sharing."
@@ -104,15 +104,13 @@ def plan(
 
     _logging(True)
     with _job_errors(debug):
-        if prefix is not None and not prefix.is_file():
-            raise JobError(f"prefix file {prefix} does not exist")
         spec = JobSpec(
             input=input,
             model=model,
             output=Path("unused.parquet"),
             format=format,
             column=column,
-            prefix=prefix.read_text(encoding="utf-8") if prefix is not None else None,
+            prefix=read_prefix(prefix) if prefix is not None else None,
             chat=chat,
             sampling=SamplingParams(max_new_tokens=max_new_tokens),
             engine=EngineConfig(prefix_sharing=prefix_sharing),
@@ -224,7 +222,9 @@ class _job_errors:
             return False
         if self.debug:
             return False
-        if isinstance(exc, (JobError, ValueError)):
+        if isinstance(exc, SettingError):
+            err.print(f"[red]error:[/] --{escape(str(exc))}", highlight=False)
+        elif isinstance(exc, (JobError, ValueError)):
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         else:
             what = f"{type(exc).__name__}: {escape(str(exc))}"

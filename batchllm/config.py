@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from batchllm.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -18,16 +21,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if check_number("temperature", self.temperature) < 0:
+            raise SettingError("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < check_number("top-p", self.top_p) <= 1:
+            raise SettingError("top-p", f"must be in (0, 1], got {self.top_p}")
+        check_int("top-k", self.top_k, minimum=0, note=" (0 disables it)")
+        check_int("seed", self.seed)
+        check_int("max-new-tokens", self.max_new_tokens, minimum=1)
+        check_strings("stop", self.stop)
         if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise SettingError("stop", "strings must not be empty")
+        check_bool("ignore-eos", self.ignore_eos)
 
     @property
     def greedy(self) -> bool:
@@ -49,16 +53,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
-        _check_choice("load_format", self.load_format, ("auto", "dummy"))
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
-        if self.max_running < 1:
-            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        _check_choice("attention-backend", self.attention_backend, ("auto", "torch", "triton"))
+        _check_choice("load-format", self.load_format, ("auto", "dummy"))
+        if check_int("block-size", self.block_size, minimum=1) & (self.block_size - 1):
+            raise SettingError("block-size", f"must be a power of two, got {self.block_size}")
+        check_int("token-budget", self.token_budget, minimum=1)
+        check_int("max-running", self.max_running, minimum=1)
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)
+        check_bool("prefix-sharing", self.prefix_sharing)
 
 
 @dataclass(frozen=True)
@@ -84,25 +87,74 @@ class JobSpec:
     ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); None: local
 
     def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.ray_address is not None and not self.ray_address.strip():
-            raise ValueError("ray-address must not be empty")
+        if self.workers is not None:
+            check_int("workers", self.workers, minimum=1)
+        if self.ray_address is not None and not check_str("ray-address", self.ray_address).strip():
+            raise SettingError("ray-address", "must not be empty")
         if self.format is not None:
             _check_choice("format", self.format, ("parquet", "jsonl"))
-        if self.checkpoint_rows < 1 or self.checkpoint_seconds <= 0:
-            raise ValueError("checkpoint-rows must be >= 1 and checkpoint-seconds > 0")
-        if self.window_rows < 0:
-            raise ValueError(f"window must be >= 1 rows (or 0 to size it to memory), got {self.window_rows}")
+        self._check_columns()
+        check_bool("chat", self.chat)
+        check_bool("progress", self.progress)
+        check_int("checkpoint-rows", self.checkpoint_rows, minimum=1)
+        if check_number("checkpoint-seconds", self.checkpoint_seconds) <= 0:
+            raise SettingError("checkpoint-seconds", f"must be > 0, got {self.checkpoint_seconds}")
+        check_int("window", self.window_rows, minimum=0, note=" rows (0 sizes it to memory)")
         if self.window_rows == 0:
             object.__setattr__(self, "window_rows", default_window_rows())
         if self.run_dir is None:
             object.__setattr__(self, "run_dir", self.output.with_name(self.output.name + ".run"))
 
+    def _check_columns(self) -> None:
+        check_str("column", self.column)
+        if self.id_column is not None:
+            check_str("id-column", self.id_column)
+        seen: set[str] = set()
+        for name in check_strings("keep-columns", self.keep_columns):
+            if name in seen:
+                raise SettingError("keep-columns", f"names {name!r} twice; list each column once")
+            seen.add(name)
+
+
+def check_int(name: str, value: object, minimum: int | None = None, note: str = "") -> int:
+    """``value`` if it is an integer (``True`` and ``8.0`` are not) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingError(name, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SettingError(name, f"must be >= {minimum}{note}, got {value}")
+    return value
+
+
+def check_number(name: str, value: object) -> float:
+    """``value`` if it is a finite int or float (not a bool, nan or inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SettingError(name, f"must be a finite number, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise SettingError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise SettingError(name, f"must be a string, got {value!r}")
+    return value
+
+
+def check_strings(name: str, values: tuple) -> tuple[str, ...]:
+    if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
+        raise SettingError(name, f"must be strings, got {values!r}")
+    return values
+
 
 def parse_memory(text: str) -> float:
     """Bytes for "4GB" / "512MB"; a fraction in (0, 1] for "0.9" (of free GPU memory)."""
-    t = text.strip().upper()
+    t = check_str("kv-cache-memory", text).strip().upper()
     units = {"GB": 1 << 30, "GIB": 1 << 30, "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "M": 1 << 20}
     for unit, scale in units.items():
         if t.endswith(unit):
@@ -110,7 +162,7 @@ def parse_memory(text: str) -> float:
                 value = float(t[: -len(unit)])
             except ValueError:
                 break
-            if value <= 0:
+            if not 0 < value < math.inf:  # nan and inf fail this too
                 break
             return value * scale
     else:
@@ -120,12 +172,14 @@ def parse_memory(text: str) -> float:
             value = -1.0
         if 0 < value <= 1:
             return value
-    raise ValueError(f"kv-cache-memory must look like '4GB', '512MB' or a fraction like '0.9', got {text!r}")
+    raise SettingError(
+        "kv-cache-memory", f"must look like '4GB', '512MB' or a fraction like '0.9', got {text!r}"
+    )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise SettingError(name, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 BYTES_PER_WINDOW_ROW = 16 << 10  # text, token ids and plan of one ~1k-token row, with headroom

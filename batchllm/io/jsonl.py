@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from batchllm.errors import JobError
-from batchllm.io.source import InputSource, RowBatch, check_columns, needed_columns, python_text
+from batchllm.io.source import InputSource, PythonRows, RowBatch, check_columns, needed_columns, python_text
 
 _SCAN_ROWS = 65536  # JSONL rows parsed at a time while validating
 _MAX_BLOCK = 2**31 - 1  # pyarrow.json block sizes are int32
@@ -24,17 +24,23 @@ _MAX_BLOCK = 2**31 - 1  # pyarrow.json block sizes are int32
 class JsonlSource(InputSource):
     schema: pa.Schema  # types of the needed columns, fixed by the validation scan so every batch agrees
 
-    def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | list[dict]]:
+    def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | PythonRows]:
         for first_line, lines in _line_chunks(self.path, rows_per_batch, start):
             yield _parse_chunk(lines, first_line, self.path, self.schema)
 
-    def _batch_from_rows(self, start: int, rows: list[dict]) -> RowBatch:
-        texts, errors = zip(*(python_text(r.get(self.column)) for r in rows)) if rows else ((), ())
+    def _batch_from_rows(self, start: int, parsed: PythonRows) -> RowBatch:
+        rows = parsed.rows
+        texts: list[str | None] = []
+        errors: list[str | None] = []
+        for row, line_error in zip(rows, parsed.errors):
+            text, error = (None, line_error) if line_error else python_text(row.get(self.column))
+            texts.append(text)
+            errors.append(error)
         ids = self._python_column(rows, self.id_column) if self.id_column else None
         keep = None
         if self.keep_columns:
             keep = pa.table({k: self._python_column(rows, k) for k in self.keep_columns})
-        return RowBatch(start, self._ids(start, len(rows), ids), list(texts), list(errors), keep)
+        return RowBatch(start, self._ids(start, len(rows), ids), texts, errors, keep)
 
     def _python_column(self, rows: list[dict], name: str) -> pa.Array:
         return pa.array([r.get(name) for r in rows], type=self.schema.field(name).type)
@@ -65,36 +71,51 @@ def _line_chunks(path: Path, rows: int, skip_rows: int = 0) -> Iterator[tuple[in
 
 def _parse_chunk(
     lines: list[bytes], first_line: int, path: Path, schema: pa.Schema | None
-) -> pa.Table | list[dict]:
-    """Fast: pyarrow.json. If it refuses (bad JSON, or types mixed within a column), parse the chunk
-    with `json` to find the bad line or to keep mixed-type values row by row."""
+) -> pa.Table | PythonRows:
+    """Fast: pyarrow.json. If it refuses (bad JSON, or types mixed within a column) or lets bytes that
+    are not UTF-8 through, parse the chunk with `json` to find the bad line or to keep mixed-type
+    values row by row."""
     data = b"".join(lines)
     parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if schema else "infer")
     # One block holding the whole chunk, so no single long line can straddle a block boundary.
     read = pj.ReadOptions(block_size=min(max(len(data), 1), _MAX_BLOCK), use_threads=False)
     try:
-        return pj.read_json(io.BytesIO(data), read_options=read, parse_options=parse)
+        table = pj.read_json(io.BytesIO(data), read_options=read, parse_options=parse)
+        _check_utf8(table)
+        return table
     except pa.ArrowException:
         return _parse_python(lines, first_line, path)
 
 
-def _parse_python(lines: list[bytes], first_line: int, path: Path) -> list[dict]:
-    rows = []
+def _check_utf8(table: pa.Table) -> None:
+    """pyarrow.json lets bytes that are not UTF-8 into strings; a full validation raises ArrowInvalid."""
+    table.validate(full=True)
+
+
+def _parse_python(lines: list[bytes], first_line: int, path: Path) -> PythonRows:
+    """Every line a JSON object, or a JobError naming the line. A line that is not UTF-8 keeps its
+    other values (read with U+FFFD for the bad bytes) and becomes an error row."""
+    rows, errors = [], []
     for lineno, line in enumerate(lines, first_line):
         if not line.strip():
             continue
+        error = None
         try:
-            value = json.loads(line)
+            text = line.decode("utf-8-sig")  # a BOM, as json.loads(bytes) allowed
+        except UnicodeDecodeError as e:
+            error = f"line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start}): {_snippet(line)}"
+            text = line.decode("utf-8", "replace")
+        try:
+            value = json.loads(text)
         except json.JSONDecodeError as e:
             raise JobError(
                 f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}): {_snippet(line)}"
             ) from e
-        except UnicodeDecodeError as e:
-            raise JobError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason}): {_snippet(line)}") from e
         if not isinstance(value, dict):
             raise JobError(f"{path}: line {lineno} is not a JSON object: {_snippet(line)}")
         rows.append(value)
-    return rows
+        errors.append(error)
+    return PythonRows(rows, errors)
 
 
 def _snippet(line: bytes, width: int = 80) -> str:
@@ -113,7 +134,7 @@ def _scan_jsonl(path: Path) -> tuple[int, dict[str, pa.DataType | None]]:
             chunk_types = {f.name: f.type for f in chunk.schema}
         else:
             num_rows += len(chunk)
-            chunk_types = _python_types(chunk)
+            chunk_types = _python_types(chunk.rows)
         for name, kind in chunk_types.items():
             types[name] = _merge_types(types[name], kind) if name in types else _json_type(kind)
     return num_rows, types

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from batchllm.config import JobSpec
-from batchllm.errors import JobError
+from batchllm.errors import JobError, write_failure
 from batchllm.io.source import InputSource
 
 MANIFEST = "manifest.json"
@@ -71,16 +71,47 @@ def check_or_write(run_dir: Path, fingerprint: dict, settings: dict) -> bool:
     path = run_dir / MANIFEST
     new = {"input": fingerprint, "settings": settings}
     if not path.exists():
-        _write_json_atomic(path, new)
+        try:
+            _write_json_atomic(path, new)
+        except OSError as e:
+            raise write_failure("the manifest", path, e) from e
         return False
-    old = json.loads(path.read_text())
-    changes = _diff(old, new)
+    changes = _diff(_read_manifest(path), new)
     if changes:
         raise JobError(
             f"the run directory {run_dir} belongs to a different job ({'; '.join(changes)}); "
             "re-run with --fresh to discard it, or pick another --run-dir"
         )
     return True
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest, or a JobError naming it and how to recover (it is written atomically, so only a
+    hand edit or a damaged disk leaves it unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        old = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not JSON: {e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        if isinstance(e, json.JSONDecodeError) and not text.strip():
+            why = "it is empty"
+    else:
+        why = _shape_problem(old)
+        if why is None:
+            return old
+    raise JobError(
+        f"cannot read the manifest {path} ({why}); re-run with --fresh to discard the run directory "
+        "and start over, or pick another --run-dir"
+    )
+
+
+def _shape_problem(old: object) -> str | None:
+    if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+        return "no 'settings' object"
+    fields = old.get("input")
+    if not isinstance(fields, dict) or not {"rows", "content_hash", "path"} <= fields.keys():
+        return "no 'input' object with rows, content_hash and path"
+    return None
 
 
 def _diff(old: dict, new: dict) -> list[str]:

@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from batchllm.errors import write_failure
+
 METRICS = "metrics.jsonl"
 
 
@@ -19,10 +21,13 @@ class MetricsLog:
 
     def append(self, kind: str, **fields) -> None:
         record = {"kind": kind, "time": time.time(), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_failure("the metrics log", self.path, e) from e
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -29,6 +29,18 @@ class RowBatch:
 
 
 @dataclass(frozen=True)
+class PythonRows:
+    """Rows parsed one by one (JSONL that pyarrow refused); ``errors`` holds a line's own error (its
+    bytes are not UTF-8), which becomes that row's error."""
+
+    rows: list[dict]
+    errors: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
 class InputSource(ABC):
     """A validated input file; `iter_batches` reads it lazily."""
 
@@ -40,7 +52,7 @@ class InputSource(ABC):
     keep_columns: tuple[str, ...]
 
     @abstractmethod
-    def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | list[dict]]:
+    def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | PythonRows]:
         """Exactly `rows_per_batch` rows each (fewer at the end) from row `start`."""
 
     def iter_batches(self, rows_per_batch: int = 65536, start: int = 0) -> Iterator[RowBatch]:
@@ -61,10 +73,16 @@ class InputSource(ABC):
     def _batch_from_table(self, start: int, table: pa.Table) -> RowBatch:
         texts, errors = _arrow_texts(table.column(self.column))
         ids = table.column(self.id_column).combine_chunks() if self.id_column else None
+        if ids is not None:
+            ids = _valid_utf8(ids, f"id column {self.id_column!r}", errors)
         keep = table.select(list(self.keep_columns)) if self.keep_columns else None
+        for i, name in enumerate(self.keep_columns):
+            column = _valid_utf8(keep.column(name).combine_chunks(), f"keep column {name!r}", errors)
+            keep = keep.set_column(i, name, column)
+        texts = [None if e else t for t, e in zip(texts, errors)]  # a row with an error is not generated
         return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep)
 
-    def _batch_from_rows(self, start: int, rows: list[dict]) -> RowBatch:
+    def _batch_from_rows(self, start: int, rows: PythonRows) -> RowBatch:
         raise NotImplementedError  # only JSONL falls back to parsed Python rows
 
 
@@ -72,11 +90,36 @@ def _arrow_texts(values: pa.ChunkedArray) -> tuple[list[str | None], list[str | 
     if pa.types.is_dictionary(values.type):
         values = pc.cast(values, values.type.value_type)
     kind = values.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        texts = values.to_pylist()
-        return texts, ["text is null" if t is None else None for t in texts]
+    if _is_string(kind):
+        errors: list[str | None] = [None] * len(values)
+        texts = _valid_utf8(values.combine_chunks(), "text", errors).to_pylist()
+        return texts, [e or ("text is null" if t is None else None) for t, e in zip(texts, errors)]
     nulls = values.is_null().to_pylist()
     return [None] * len(nulls), ["text is null" if n else f"text is not a string ({kind})" for n in nulls]
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _valid_utf8(values: pa.Array, what: str, errors: list[str | None]) -> pa.Array:
+    """``values`` with every string that is not valid UTF-8 (Parquet does not check) made null, and
+    that row's error set: one bad value fails its row, not the job."""
+    if not _is_string(values.type):
+        return values
+    try:
+        values.validate(full=True)
+        return values
+    except pa.ArrowInvalid:
+        pass
+    fixed: list[str | None] = []
+    for i, raw in enumerate(values.cast(pa.binary()).to_pylist()):
+        try:
+            fixed.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            fixed.append(None)
+            errors[i] = errors[i] or f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return pa.array(fixed, type=values.type)
 
 
 def python_text(value: object) -> tuple[str | None, str | None]:

@@ -13,6 +13,8 @@ import secrets
 import time
 from pathlib import Path
 
+from batchllm.errors import write_failure
+
 OWNER = "owner"
 
 
@@ -20,8 +22,11 @@ def claim(run_dir: Path) -> str:
     """Make this attempt the owner of ``run_dir``; returns its token."""
     token = secrets.token_hex(8)
     tmp = run_dir / f".{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(token)
-    os.replace(tmp, run_dir / OWNER)
+    try:
+        tmp.write_text(token)
+        os.replace(tmp, run_dir / OWNER)
+    except OSError as e:
+        raise write_failure("the owner file", run_dir / OWNER, e) from e
     return token
 
 

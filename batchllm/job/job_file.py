@@ -1,18 +1,23 @@
 """Job files and command-line settings -> a JobSpec.
 
 A TOML job file holds the same settings as the flags of ``batchllm run`` (keys are the flag names);
-a flag given on the command line wins over the file.
+a flag given on the command line wins over the file. Each value must have its flag's declared type
+(``chat = "false"`` is a string, not a boolean; ``8.9`` and ``true`` are not integers); ranges and
+finiteness are the configs' own checks, reported against the job file when the value came from it.
 """
 
 from __future__ import annotations
 
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import NoneType, UnionType
 
 import typer
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
-from batchllm.errors import JobError
+from batchllm.errors import JobError, SettingError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,40 +25,111 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PATH_KEYS = ("input", "prefix", "output", "run_dir", "report")
+LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
 
 
-def merge_job_file(ctx: typer.Context, job: Path | None) -> dict:
+@dataclass(frozen=True)
+class Settings:
+    """``batchllm run``'s parameters by name, and which of them came from the job file."""
+
+    values: dict
+    job_file: Path | None = None
+    from_job_file: frozenset[str] = field(default_factory=frozenset)
+
+    def __getitem__(self, name: str) -> object:
+        return self.values[name]
+
+    def error(self, exc: SettingError) -> JobError:
+        """The one-line error for a setting out of range, naming where it was given."""
+        if exc.setting.replace("-", "_") in self.from_job_file:
+            return JobError(f"job file {self.job_file}: {exc.setting} {exc.rule}")
+        return JobError(f"--{exc.setting} {exc.rule}")
+
+
+def merge_job_file(ctx: typer.Context, job: Path | None) -> Settings:
     """The command's parameters, with a job file's values where no flag was given."""
     params = dict(ctx.params)
     if job is None:
-        return params
+        return Settings(params)
     try:
         settings = tomllib.loads(job.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise JobError(f"cannot read the job file {job}: {exc}") from exc
+    declared = typing.get_type_hints(ctx.command.callback)
+    taken = set()
     for key, value in settings.items():
         name = key.replace("-", "_")
         if name not in params or name in ("job", "debug"):
             raise JobError(f"job file {job}: unknown setting {key!r}")
+        expected = _type_problem(name, value, declared[name])
+        if expected is not None:
+            raise JobError(f"job file {job}: {key} must be {expected}, got {value!r}")
         if getattr(ctx.get_parameter_source(name), "name", None) != "DEFAULT":
             continue  # the command line wins
-        if name in PATH_KEYS:
-            value = job.parent / value  # relative to the job file
-        elif name == "keep_columns" and isinstance(value, list):
-            value = ",".join(value)
-        elif name == "stop" and isinstance(value, str):
-            value = [value]
-        params[name] = value
-    return params
+        params[name] = _flag_value(name, value, job)
+        taken.add(name)
+    return Settings(params, job, frozenset(taken))
 
 
-def job_spec(p: dict) -> JobSpec:
-    """The JobSpec of ``batchllm run``'s settings (flag names as keys)."""
+def _type_problem(name: str, value: object, declared: object) -> str | None:
+    """What ``value`` should have been for a flag declared as ``declared``; None when it fits."""
+    if name in LIST_KEYS:
+        items = value if isinstance(value, list) else [value]
+        ok = all(isinstance(v, str) for v in items)
+        return None if ok else "a string or a list of strings"
+    if isinstance(declared, UnionType):  # X | None: TOML has no null, so X
+        (declared,) = [t for t in typing.get_args(declared) if t is not NoneType]
+    if declared is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(value, bool):  # bool is an int subclass; it is never a number here
+        return {int: "an integer", float: "a number"}.get(declared, "a string")
+    if declared is int:
+        return None if isinstance(value, int) else "an integer"
+    if declared is float:
+        return None if isinstance(value, (int, float)) else "a number"
+    return None if isinstance(value, str) else "a string"  # str and Path flags
+
+
+def _flag_value(name: str, value: object, job: Path) -> object:
+    """A type-checked job-file value as the flag would have given it."""
+    if name in PATH_KEYS:
+        return job.parent / value  # relative to the job file
+    if name == "keep_columns" and isinstance(value, list):
+        return ",".join(value)
+    if name == "stop" and isinstance(value, str):
+        return [value]
+    return value
+
+
+def read_prefix(path: Path | str) -> str:
+    """The prefix file's text, or a JobError naming the file and what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        raise JobError(f"prefix file {path} is a directory; give a UTF-8 text file")
+    if not path.exists():
+        raise JobError(f"prefix file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(
+            f"prefix file {path} is not UTF-8 text ({e.reason} at byte {e.start}); is it a binary file?"
+        ) from e
+    except OSError as e:
+        raise JobError(f"cannot read the prefix file {path}: {e.strerror or e}") from e
+
+
+def job_spec(p: Settings) -> JobSpec:
+    """The JobSpec of ``batchllm run``'s settings; a setting out of range is a JobError naming it."""
     if p["input"] is None or p["model"] is None:
         raise JobError("give INPUT and --model (on the command line or in a --job file)")
+    try:
+        return _job_spec(p)
+    except SettingError as e:
+        raise p.error(e) from e
+
+
+def _job_spec(p: Settings) -> JobSpec:
     inp, prefix = Path(p["input"]), p["prefix"]
-    if prefix is not None and not Path(prefix).is_file():
-        raise JobError(f"prefix file {prefix} does not exist")
     return JobSpec(
         input=inp,
         model=str(p["model"]),
@@ -62,7 +138,7 @@ def job_spec(p: dict) -> JobSpec:
         column=p["column"],
         id_column=p["id_column"],
         keep_columns=tuple(c.strip() for c in p["keep_columns"].split(",") if c.strip()),
-        prefix=Path(prefix).read_text(encoding="utf-8") if prefix is not None else None,
+        prefix=read_prefix(prefix) if prefix is not None else None,
         chat=p["chat"],
         sampling=_sampling(p),
         engine=_engine(p),
@@ -77,7 +153,7 @@ def job_spec(p: dict) -> JobSpec:
     )
 
 
-def _sampling(p: dict) -> SamplingParams:
+def _sampling(p: Settings) -> SamplingParams:
     return SamplingParams(
         temperature=p["temperature"],
         top_p=p["top_p"],
@@ -89,7 +165,7 @@ def _sampling(p: dict) -> SamplingParams:
     )
 
 
-def _engine(p: dict) -> EngineConfig:
+def _engine(p: Settings) -> EngineConfig:
     return EngineConfig(
         device=p["device"],
         dtype=p["dtype"],
