@@ -31,6 +31,9 @@ from batchllm.kernels.prefill_attention import (
 )
 
 SHARED_BLOCK_M = 64
+# The no-window value for the kernels: a global a kernel reads must be a constexpr (a plain int runs in
+# the interpreter but does not compile).
+ANY_POS = tl.constexpr(NO_WINDOW)
 
 
 @triton.jit
@@ -84,7 +87,7 @@ def _shared_prefix_part(
         table = block_tables + group_start.to(tl.int64) * stride_bt
         acc, m_i, l_i = attend_rows(
             q, seqs, heads, row_ok, table, lo, hi, k_cache, v_cache,
-            stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale, NO_WINDOW,
+            stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale, ANY_POS,
             SHARED_M, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, F32_DOT,
         )  # fmt: skip
         _store_state(
@@ -113,7 +116,7 @@ def _own_blocks_part(
         table = block_tables + seq.to(tl.int64) * stride_bt
         acc, m_i, l_i = attend_rows(
             q, seqs, heads, row_ok, table, lo, hi, k_cache, v_cache,
-            stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale, NO_WINDOW,
+            stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_cd, kv_head, qk_scale, ANY_POS,
             OWN_M, HEAD_DIM, D_PAD, BLOCK_N, BLOCK_SIZE, F32_DOT,
         )  # fmt: skip
         _store_state(

@@ -142,3 +142,50 @@ def fused_moe_ref(
             )
             out[t] += w * (w2[e].float() @ (act_gate * up))
     return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,  # [..., N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+    offset: bool = False,
+) -> torch.Tensor:  # [..., N], x.dtype
+    """Normalise in float32; plain: cast, then scale by the weight; offset (Gemma): scale by (1 + weight)
+    in float32, then cast."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:  # (norm(x + delta), x + delta)
+    summed = x + delta
+    return rms_norm_ref(summed, weight, eps, offset), summed
+
+
+def rope_ref(
+    x: torch.Tensor,  # [num_tokens, heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,  # [num_tokens, head_dim]
+) -> torch.Tensor:
+    """Neox rotation of the two halves, in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rope_store_kv_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,  # [num_tokens, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens]
+) -> torch.Tensor:  # rotated q
+    store_kv_ref(rope_ref(k, cos, sin), v, k_cache, v_cache, slot_mapping)
+    return rope_ref(q, cos, sin)

@@ -37,6 +37,18 @@ class TritonAttention:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]}")
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale, window)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """``forward`` for new tokens whose K/V are already in the cache (``kernels.rope_store``)."""
+        k_cache, v_cache = kv_cache
         if window is not None and window >= meta.max_seq_len:
             window = None  # no row has outgrown it: the window changes nothing
         if not meta.one_token_each:

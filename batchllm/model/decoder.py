@@ -45,8 +45,9 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden]
-        x = x + self.attn(self.input_norm(x), cos_sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attn_norm(x))
+        attn_out = self.attn(self.input_norm(x), cos_sin, kv_cache, meta, backend)
+        h, x = self.post_attn_norm.add_forward(x, attn_out)
+        return x + self.mlp(h)
 
 
 class CausalLM(nn.Module):

@@ -40,8 +40,9 @@ class GemmaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden]
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos_sin, kv_cache, meta, backend))
-        return x + self.post_ff_norm(self.mlp(self.pre_ff_norm(x)))
+        attn_out = self.post_attn_norm(self.attn(self.input_norm(x), cos_sin, kv_cache, meta, backend))
+        h, x = self.pre_ff_norm.add_forward(x, attn_out)
+        return x + self.post_ff_norm(self.mlp(h))
 
 
 def scale_embeddings(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:

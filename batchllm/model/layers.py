@@ -8,14 +8,37 @@ Numerics follow transformers' Llama/Qwen code op for op, so float32 results matc
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchllm.kernels import rms_norm as norm_kernels
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.rope_store import rope_store_kv
 from batchllm.model.config import ModelConfig
+
+FUSED_OPS_ENV = "BATCHLLM_FUSED_OPS"
+
+
+def fused_ops_default(device: torch.device) -> bool:
+    """Whether layers start on the Triton fused small ops (RMSNorm + residual add, RoPE + KV store).
+
+    ``BATCHLLM_FUSED_OPS=0``: never; ``=1``: on every device (on CPU only under TRITON_INTERPRET=1, for
+    tests); unset: on CUDA only, so the CPU path stays plain torch."""
+    setting = os.environ.get(FUSED_OPS_ENV, "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return torch.device(device).type == "cuda"
+
+
+def use_fused_ops(model: nn.Module, on: bool) -> None:
+    """Switch every layer of ``model`` that has fused ops to them (on) or to the torch path (off)."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm | Attention):
+            module.fused = on
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -32,19 +55,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    offset = False  # scale by (1 + weight): Gemma
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.weight = empty_param(size, dtype=dtype, device=device)
         self.eps = eps
+        self.fused = fused_ops_default(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return norm_kernels.rms_norm(x, self.weight, self.eps, self.offset)
+        return self.torch_norm(x)
+
+    def torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + delta), x + delta)``: the residual add and the norm after it, fused if on."""
+        if self.fused:
+            return norm_kernels.add_rms_norm(x, delta, self.weight, self.eps, self.offset)
+        summed = x + delta
+        return self.torch_norm(summed), summed
 
 
 class OffsetRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scales by (1 + weight), in float32, and casts back only at the end."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    offset = True
+
+    def torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
@@ -122,6 +162,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(c, c.head_dim, dtype, device) if c.qk_norm else None
         self.k_norm = make_norm(c, c.head_dim, dtype, device) if c.qk_norm else None
         self.scale = (c.gemma.query_pre_attn_scalar if c.gemma else c.head_dim) ** -0.5
+        self.fused = fused_ops_default(device)
 
     def forward(
         self,
@@ -140,10 +181,28 @@ class Attention(nn.Module):
         v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window)
+        out = self._rope_attend(q, k, v, cos_sin, kv_cache, meta, backend)
         return F.linear(out.reshape(num_tokens, c.q_size), self.o_weight, self.o_bias)
+
+    def _rope_attend(
+        self,
+        q: torch.Tensor,  # [T, heads, head_dim]
+        k: torch.Tensor,  # [T, kv_heads, head_dim]
+        v: torch.Tensor,  # [T, kv_heads, head_dim]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [T, heads, head_dim]
+        """Rotate q and k, store k and v, attend. Fused, when on and the backend can attend over
+        K/V already stored (``attend``): one kernel rotates and stores, k never lands on its own."""
+        cos, sin = cos_sin
+        attend = getattr(backend, "attend", None)
+        if self.fused and attend is not None:
+            q = rope_store_kv(q, k, v, cos, sin, *kv_cache, meta.slot_mapping)
+            return attend(q, kv_cache, meta, self.scale, window=self.window)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return backend.forward(q, k, v, kv_cache, meta, self.scale, window=self.window)
 
 
 def activation(name: str, gate: torch.Tensor) -> torch.Tensor:
