@@ -65,21 +65,46 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None) -
     }
 
 
-def check_or_write(run_dir: Path, fingerprint: dict, settings: dict) -> bool:
-    """Writes the manifest of a new run; for an existing one, refuses any change. True: resuming."""
+def check_or_write(run_dir: Path, fingerprint: dict, settings: dict, has_results: bool = False) -> bool:
+    """Writes the manifest of a new run; for an existing one, refuses any change. True: resuming.
+
+    Shards without a manifest belong to a job nobody can name any more (the manifest was deleted, or a
+    tool other than this one wrote them): they are refused, never adopted."""
     path = run_dir / MANIFEST
     new = {"input": fingerprint, "settings": settings}
     if not path.exists():
+        if has_results:
+            raise JobError(
+                f"the run directory {run_dir} holds committed shards but no manifest ({MANIFEST}), so "
+                "nothing says which job made them; re-run with --fresh to discard them, or pick another "
+                "--run-dir"
+            )
         _write_json_atomic(path, new)
         return False
-    old = json.loads(path.read_text())
-    changes = _diff(old, new)
+    changes = _diff(_read(path), new)
     if changes:
         raise JobError(
             f"the run directory {run_dir} belongs to a different job ({'; '.join(changes)}); "
             "re-run with --fresh to discard it, or pick another --run-dir"
         )
     return True
+
+
+def _read(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text())
+        if (
+            isinstance(old, dict)
+            and isinstance(old.get("input"), dict)
+            and isinstance(old.get("settings"), dict)
+        ):
+            return old
+    except (OSError, ValueError):
+        pass
+    raise JobError(
+        f"the manifest {path} is unreadable; re-run with --fresh to discard the run, "
+        "or pick another --run-dir"
+    )
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -105,7 +130,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.flush()
