@@ -230,3 +230,36 @@ def test_ray_processes_a_killed_driver_left_are_ended_on_the_next_start(tmp_path
         for p in (orphan, bystander):
             p.kill()
             p.wait()
+
+
+@pytest.mark.slow
+def test_a_kill_9_driver_leaves_no_ray_processes_after_the_next_start(job, tmp_path):
+    pytest.importorskip("ray")
+    out_path = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "batchllm", *flags(job, "--output", str(out_path), "--workers", "2")]
+    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:2"}  # the driver SIGKILLs itself mid-run
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, stderr
+        recorded = json.loads((tmp_path / "out.parquet.run" / "ray_processes.json").read_text())["pids"]
+        assert len(recorded) >= 3  # Ray's own processes and the two workers
+        code, out = cli(job, "--output", str(out_path))  # one worker: no Ray of its own
+        assert code == 0, out
+        assert not [pid for pid in recorded if alive(pid)]
+        assert not (tmp_path / "out.parquet.run" / "ray_processes.json").exists()
+    finally:
+        for entry in os.listdir("/proc"):  # whatever the test left, in the driver's own session
+            try:
+                if entry.isdigit() and os.getsid(int(entry)) == proc.pid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -6,7 +6,8 @@ commits its checksum; reading a shard verifies it, and a shard that fails is nev
     shard-000007-9f86d081884c7d65.parquet            number 7, blake2b-64 of the file's bytes
     shard-1f2e3d4c-000007-9f86d081884c7d65.parquet   the same, from a writer tagged 1f2e3d4c (Ray)
 
-The Parquet footer of a verified shard then gives its row count and row indices.
+The Parquet footer of a verified shard then gives its row count and row indices; ``check_complete``
+checks that the verified shards hold every row of the input exactly once.
 """
 
 from __future__ import annotations
