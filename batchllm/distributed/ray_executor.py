@@ -24,6 +24,7 @@ from batchllm.errors import Interrupted, JobError
 from batchllm.io.faults import CRASH_ENV, worker_crash_spec
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.writer import RunDir
+from batchllm.job.leftovers import forget_processes, record_processes
 from batchllm.job.unit_worker import UnitCalls, UnitStats
 from batchllm.job.units import WorkUnit
 
@@ -71,6 +72,7 @@ class RayExecutor:
         self._names = 0
         self._last_death = ""
         self._pool: list[_Worker] = []
+        self._pids: list[int] = []  # the workers' processes, for the record of what this driver started
         self._started_ray = self._init_ray()
         try:
             self.shape = self._shape()
@@ -121,6 +123,7 @@ class RayExecutor:
         if self._started_ray and self.ray.is_initialized():
             self.ray.shutdown()
             self._started_ray = False
+            forget_processes(self.job.run_dir)  # shut down: nothing left for the next run to end
 
     def _result(self, ref, worker: _Worker, unit: WorkUnit, stopping: bool) -> UnitStats | None:
         """The unit's stats; None when its worker died (marked) or it stopped on request."""
@@ -242,7 +245,24 @@ class RayExecutor:
             ) from e
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             raise JobError(f"a worker could not start: {_start_error(e)}") from e
+        self._record(ray.get([w.actor.pid.remote() for w in pool]))
         return placed[0]
+
+    def _record(self, worker_pids: list[int]) -> None:
+        """The pids of the local Ray runtime and its workers, which the next run ends if this driver is
+        killed before it shuts Ray down (see job/leftovers.py)."""
+        self._pids += worker_pids
+        if self._started_ray:
+            record_processes(self.job.run_dir, _runtime_pids(self.ray) + self._pids)
+
+
+def _runtime_pids(ray) -> list[int]:
+    """The processes of the Ray runtime this driver started (GCS, raylet, agents); [] if unknown."""
+    try:
+        node = ray._private.worker._global_node
+        return [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    except Exception:  # a private API: another Ray version may lack it; the workers are still recorded
+        return []
 
 
 def _start_error(e: BaseException) -> str:

@@ -5,6 +5,7 @@ The driver turns ``EngineWorker`` into an actor; this module does not import ray
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 
@@ -32,6 +33,10 @@ class EngineWorker:
     def ready(self) -> tuple[str, str]:
         """(device, dtype), once the model is loaded."""
         return self.worker.host.device_name, self.worker.host.dtype_name
+
+    def pid(self) -> int:
+        """This worker's process, recorded by the driver so that it never outlives a killed driver."""
+        return os.getpid()
 
     def run(self, unit: WorkUnit) -> UnitStats:
         with self._lock:

@@ -66,11 +66,20 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None) -
     }
 
 
-def check_or_write(run_dir: Path, fingerprint: dict, settings: dict) -> bool:
-    """Writes the manifest of a new run; for an existing one, refuses any change. True: resuming."""
+def check_or_write(run_dir: Path, fingerprint: dict, settings: dict, has_results: bool = False) -> bool:
+    """Writes the manifest of a new run; for an existing one, refuses any change. True: resuming.
+
+    Shards without a manifest belong to a job nobody can name any more (the manifest was deleted, or a
+    tool other than this one wrote them): they are refused, never adopted."""
     path = run_dir / MANIFEST
     new = {"input": fingerprint, "settings": settings}
     if not path.exists():
+        if has_results:
+            raise JobError(
+                f"the run directory {run_dir} holds committed shards but no manifest ({MANIFEST}), so "
+                "nothing says which job made them; re-run with --fresh to discard them, or pick another "
+                "--run-dir"
+            )
         try:
             _write_json_atomic(path, new)
         except OSError as e:
@@ -137,7 +146,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.flush()

@@ -1,9 +1,10 @@
 """Finished rows -> shards committed durably in a run directory -> one final Parquet, written atomically.
 
     run_dir/
-      shards/shard-000000.parquet   row_index + the output schema, one file per commit
-      shards/shard-1f2e3d4c-000000.parquet   the same, from a writer with a tag (one per Ray worker)
-      shards/.shard-000001.parquet.<pid>.tmp   a commit cut short by a crash: ignored, removed on open
+      shards/shard-000000-<checksum>.parquet   row_index + the output schema, one file per commit
+      shards/shard-1f2e3d4c-000000-<checksum>.parquet   the same, from a writer with a tag (a Ray worker)
+      shards/.shard-000001-<checksum>.parquet.<pid>.tmp   a commit cut short by a crash: removed on open
+      quarantine/shard-...parquet   a shard whose bytes no longer match its checksum: never read again
 
 The writer sees only arrays; it knows nothing of the engine.
 """
@@ -16,8 +17,9 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +27,12 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
 from batchllm.io.faults import crash_point
+from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("id", "output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason", "error")
 FINISH_REASONS = frozenset({"stop", "length", "error"})
-_SHARD_NAME = re.compile(r"shard-(?:([0-9a-f]{8})-)?(\d{6,})\.parquet")
 
 
 def check_keep_columns(keep_columns: Sequence[str]) -> None:
@@ -82,64 +84,79 @@ def result_table(
 class RunDir:
     """The run directory: results committed shard by shard, so a crash loses only unfinished rows.
 
-    Without ``writer`` this instance owns the directory (one at a time): it removes temp files a crash
-    left and numbers its shards after the untagged ones there. Concurrent writers (Ray workers) each
-    pass a unique 8-hex-digit ``writer`` tag, which goes into their shard names, and leave temp files
-    alone (another writer may be filling one)."""
+    Without ``writer`` this instance owns the directory (the run holding its lock): it removes temp
+    files a crash left, numbers its shards after the untagged ones there, and moves a shard that fails
+    its checksum to ``quarantine/``. Concurrent writers (Ray workers) each pass a unique 8-hex-digit
+    ``writer`` tag, which goes into their shard names, and leave temp files alone (another writer may be
+    filling one). ``read_only`` (reports) changes nothing on disk."""
 
-    def __init__(self, path: Path, writer: str | None = None) -> None:
+    def __init__(self, path: Path, writer: str | None = None, read_only: bool = False) -> None:
         if writer is not None and not re.fullmatch(r"[0-9a-f]{8}", writer):
             raise ValueError(f"a writer tag is 8 lowercase hex digits, got {writer!r}")
         self.path = Path(path)
         self.shards = self.path / "shards"
+        self.quarantine = self.path / "quarantine"
         self.writer = writer
+        self.owner = writer is None and not read_only
         self._lock = threading.Lock()  # commits may come from a writer thread; shard numbers stay unique
-        if writer is None:
+        if self.owner:
             self._remove_temp_files()
-        mine = (n for n, tag, _ in self._shard_paths() if tag == writer)
+        mine = (s.number for s in list_shards(self.shards) if s.writer == writer)
         self._next = max(mine, default=-1) + 1
 
     def ensure_writable(self, output: Path) -> None:
         """Create the run directory and check it and the output's directory accept files; fail fast."""
+        check_output(output)
         try:
             self.shards.mkdir(parents=True, exist_ok=True)
             _probe(self.shards)
         except OSError as e:
             raise JobError(f"cannot write to the run directory {self.path}: {_reason(e)}") from e
-        output = Path(output)
-        if output.is_dir():
-            raise JobError(
-                f"output {output} is a directory; give a file path such as {output / 'out.parquet'}"
-            )
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            _probe(output.parent)
-        except OSError as e:
-            raise JobError(f"cannot write the output {output}: {_reason(e)}") from e
+
+    def has_results(self) -> bool:
+        """Whether any shard file (verified or not, of any naming) is in the run directory."""
+        return self.shards.is_dir() and any(self.shards.glob("shard-*.parquet"))
 
     def commit(self, table: pa.Table) -> Path:
-        """Write one shard atomically: it is whole or absent after a crash."""
+        """Write one shard atomically, its checksum in its name: it is whole or absent after a crash."""
         if "row_index" not in table.column_names:
             raise ValueError("a shard needs a row_index column; build it with result_table()")
         with self._lock:
             number, self._next = self._next, self._next + 1
-        tag = "" if self.writer is None else f"{self.writer}-"
-        path = self.shards / f"shard-{tag}{number:06d}.parquet"
-        _write_atomic(table, path, what="a result shard")
+        try:
+            data = encode(table)
+        except (OSError, pa.ArrowException) as e:
+            raise JobError(f"cannot write a result shard in {self.shards}: {_reason(e)}") from e
+        path = ShardFile.of(self.shards, number, self.writer, data).path
+        _write_atomic(lambda f: f.write(data), path, what="a result shard")
         return path
 
     def committed_row_indices(self) -> np.ndarray:
-        """int64 [rows committed so far], in shard order; reads only the row_index column."""
-        parts = [
-            self._read(path, ["row_index"]).column("row_index").to_numpy() for *_, path in self._shard_paths()
-        ]
+        """int64 [rows committed so far], in shard order, from verified shards only."""
+        parts = [t.column("row_index").to_numpy() for t in self.verified_tables(["row_index"])]
         return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, dtype=np.int64)
+
+    def verified_tables(self, columns: list[str] | None = None) -> list[pa.Table]:
+        """The table of every shard that matches its checksum; the others are named in a warning (and
+        moved to ``quarantine/`` by the owner) so their rows are generated again."""
+        tables = []
+        for shard in list_shards(self.shards):
+            table = self._read(shard, columns)
+            if table is not None:
+                tables.append(table)
+        return tables
 
     def assemble(self, output: Path, num_rows: int) -> None:
         """Write every committed row, in input order, to `output` atomically. An empty input needs one
         empty shard (a zero-row result_table) so the output's schema is known."""
         output = Path(output)
-        shards = [self._read(path) for *_, path in self._shard_paths()]
+        committed = list_shards(self.shards)
+        shards = self.verified_tables()
+        if len(shards) < len(committed):
+            raise JobError(
+                f"a committed shard in {self.shards} was damaged after it was written (see the warning); "
+                "run the same command again to generate its rows"
+            )
         if not shards:
             raise RuntimeError(f"no committed shards in {self.shards}; nothing to assemble into {output}")
         try:
@@ -147,17 +164,18 @@ class RunDir:
         except pa.ArrowInvalid as e:
             raise RuntimeError(f"shards in {self.shards} do not share one schema: {e}") from e
         index = table.column("row_index").to_numpy()
-        _check_complete(index, num_rows, output)
+        check_complete(index, num_rows, output)
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
-        _write_atomic(table, output, what="the output")
+        _write_atomic(lambda f: pq.write_table(table, f), output, what="the output")
         logger.info("wrote %d rows to %s", table.num_rows, output)
 
-    def _shard_paths(self) -> list[tuple[int, str | None, Path]]:
-        """(number, writer tag, path) of every committed shard, whoever wrote it."""
-        if not self.shards.is_dir():
-            return []
-        found = ((_SHARD_NAME.fullmatch(p.name), p) for p in self.shards.iterdir())
-        return sorted(((int(m.group(2)), m.group(1), p) for m, p in found if m), key=lambda t: t[::2])
+    def remove_output_leftovers(self, output: Path) -> None:
+        """Remove the temp files a killed assembly left beside ``output`` (of processes now gone)."""
+        output = Path(output)
+        for path in output.parent.glob(f".{output.name}.*.tmp"):
+            pid = path.name[len(output.name) + 2 : -len(".tmp")]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                _unlink_quietly(path)
 
     def _remove_temp_files(self) -> None:
         if not self.shards.is_dir():
@@ -168,42 +186,49 @@ class RunDir:
             except OSError as e:  # harmless: temp files are never read
                 logger.warning("could not remove the leftover temp file %s: %s", path, e)
 
-    def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+    def _read(self, shard: ShardFile, columns: list[str] | None) -> pa.Table | None:
         try:
-            return pq.read_table(path, columns=columns)
+            table = shard.read_verified(columns)
+        except FileNotFoundError:
+            return None  # moved aside meanwhile by the run that owns the directory
         except (OSError, pa.ArrowException) as e:
-            raise JobError(f"cannot read the committed shard {path} ({e}); delete it to redo its rows") from e
+            raise JobError(
+                f"cannot read the committed shard {shard.path} ({e}); delete it to redo its rows"
+            ) from e
+        if table is None:
+            self._set_aside(shard)
+        return table
+
+    def _set_aside(self, shard: ShardFile) -> None:
+        if not self.owner:
+            logger.warning("shard %s fails its checksum; its rows are not counted", shard.path)
+            return
+        self.quarantine.mkdir(exist_ok=True)
+        os.replace(shard.path, self.quarantine / shard.path.name)
+        logger.warning(
+            "shard %s fails its checksum (damaged on disk): moved to %s; its rows are generated again",
+            shard.path.name, self.quarantine,
+        )  # fmt: skip
 
 
-def _check_complete(index: np.ndarray, num_rows: int, output: Path) -> None:
-    """Every row index 0..num_rows-1 exactly once, or a RuntimeError naming what is wrong."""
-    inside = (index >= 0) & (index < num_rows)
-    counts = np.bincount(index[inside], minlength=num_rows)
-    problems = []
-    if not inside.all():
-        problems.append(
-            f"{(~inside).sum()} row indices outside 0..{num_rows - 1} ({_examples(index[~inside])})"
-        )
-    missing, duplicated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
-    if missing.size:
-        problems.append(f"{missing.size} rows missing ({_examples(missing)})")
-    if duplicated.size:
-        problems.append(f"{duplicated.size} rows committed more than once ({_examples(duplicated)})")
-    if problems:
-        raise RuntimeError(f"cannot assemble {output}: " + "; ".join(problems))
+def check_output(output: Path) -> None:
+    """The output's directory accepts files, and the output is not a directory; fail fast."""
+    output = Path(output)
+    if output.is_dir():
+        raise JobError(f"output {output} is a directory; give a file path such as {output / 'out.parquet'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _probe(output.parent)
+    except OSError as e:
+        raise JobError(f"cannot write the output {output}: {_reason(e)}") from e
 
 
-def _examples(values: np.ndarray, limit: int = 10) -> str:
-    shown = ", ".join(str(v) for v in np.sort(values)[:limit])
-    return f"rows {shown}" + (", ..." if values.size > limit else "")
-
-
-def _write_atomic(table: pa.Table, path: Path, what: str) -> None:
+def _write_atomic(write: Callable[[BinaryIO], None], path: Path, what: str) -> None:
     """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         crash_point("assemble" if what == "the output" else "shard_written")
@@ -212,6 +237,16 @@ def _write_atomic(table: pa.Table, path: Path, what: str) -> None:
     except (OSError, pa.ArrowException) as e:
         _unlink_quietly(tmp)
         raise JobError(f"cannot write {what} {path}: {_reason(e)}") from e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,9 @@ Ray ends a driver's workers only seconds after the driver dies; meanwhile they w
 rows that a resumed attempt, having read the committed rows already, generates again. Every attempt
 claims the directory with a fresh token before it reads what is committed; a worker checks the token
 before each commit (and about once a second between steps) and stops once it has changed.
+
+The run lock (``io/run_lock.py``) keeps a second driver out; the fence covers what a lock cannot: Ray
+workers, in other processes (and on other nodes), that outlive the driver holding it.
 """
 
 from __future__ import annotations

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
 from batchllm.errors import JobError
 from batchllm.io.manifest import MANIFEST
 from batchllm.io.metrics import MetricsLog
+from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
 
 GROUP_KEYS = ("groups", "avg_sharing_degree", "avg_prefix_tokens", "avg_distinct_tokens")
@@ -26,14 +26,11 @@ SHARD_COLUMNS = ["finish_reason", "prompt_tokens", "output_tokens", "cached_toke
 
 
 def collect(run_dir: Path) -> dict:
-    manifest_path = run_dir / MANIFEST
-    if not manifest_path.exists():
-        raise JobError(f"{run_dir} is not a batchllm run directory (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
+    model, rows = _manifest(run_dir)
     counts = RowCounts.of_table(_shards(run_dir))
-    records = MetricsLog(run_dir).read()
+    records, skipped = MetricsLog(run_dir).read()
     attempts = _attempts(records)
-    rows, prompt, output = manifest["input"]["rows"], counts.prompt_tokens, counts.output_tokens
+    prompt, output = counts.prompt_tokens, counts.output_tokens
     wall = sum(a["wall_seconds"] for a in attempts)
     computed = sum(a["prefill_tokens_computed"] for a in attempts)
     last = attempts[-1] if attempts else {}
@@ -63,16 +60,30 @@ def collect(run_dir: Path) -> dict:
         "attempts": len(attempts),
         "workers": _workers(records),
         "worker_retries": sum(1 for r in records if r["kind"] == "retry"),
-        "model": manifest["settings"]["model"],
+        "model": model,
+        "metrics_lines_skipped": skipped,
     }
 
 
+def _manifest(run_dir: Path) -> tuple[str, int]:
+    """The run's model and input row count."""
+    path = run_dir / MANIFEST
+    if not path.exists():
+        raise JobError(f"{run_dir} is not a batchllm run directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+        return str(manifest["settings"]["model"]), int(manifest["input"]["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JobError(f"the manifest {path} is unreadable ({e})") from e
+
+
 def _shards(run_dir: Path) -> pa.Table:
-    paths = sorted((run_dir / "shards").glob("shard-*.parquet"))
-    if not paths:
+    """The counted columns of every shard that passes its checksum (read only: the run may be going)."""
+    tables = RunDir(run_dir, read_only=True).verified_tables(SHARD_COLUMNS)
+    if not tables:
         schema = pa.schema([("finish_reason", pa.string())] + [(c, pa.int32()) for c in SHARD_COLUMNS[1:]])
         return schema.empty_table()
-    return pa.concat_tables(pq.read_table(p, columns=SHARD_COLUMNS) for p in paths)
+    return pa.concat_tables(tables)
 
 
 def _attempts(records: list[dict]) -> list[dict]:
@@ -151,6 +162,8 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),
     ]
+    if report.get("metrics_lines_skipped"):
+        rows.append(("metrics lines skipped (unreadable)", f"{report['metrics_lines_skipped']:,}"))
     workers = report.get("workers", {})
     if len(workers) > 1 or report.get("worker_retries"):
         rows.append(("worker retries", f"{report['worker_retries']:,}"))
@@ -173,7 +186,7 @@ def plot(run_dir: Path, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise JobError('--plot needs matplotlib: pip install "batchllm[plot]"') from exc
-    records = MetricsLog(run_dir).read()
+    records = MetricsLog(run_dir).read().records
     t0 = records[0]["time"] if records else 0.0
     commits = [r for r in records if r["kind"] == "commit"]
     kv = [s for r in records if r["kind"] == "end" for s in r.get("kv_samples", [])]

@@ -10,7 +10,6 @@ The driver reads, tokenizes and plans each window once; the window's plan become
 from __future__ import annotations
 
 import itertools
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,14 @@ from batchllm.io.manifest import check_or_write, input_fingerprint, output_setti
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
-from batchllm.io.writer import RunDir
+from batchllm.io.run_lock import RunLock
+from batchllm.io.run_marker import check_paths, check_recognised, clear, mark
+from batchllm.io.writer import RunDir, check_output
 from batchllm.job.counters import RowCounts
 from batchllm.job.executor import Executor, LocalExecutor
 from batchllm.job.fence import claim
 from batchllm.job.interrupt import StopRequest
+from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS
 from batchllm.job.rows import RowBlock
@@ -87,15 +89,42 @@ class Job:
 
             import_ray()
         self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
-        if fresh and job.run_dir.exists():
-            shutil.rmtree(job.run_dir)
-        self.run_dir = RunDir(job.run_dir)
-        self.run_dir.ensure_writable(job.output)
-        self.metrics = MetricsLog(job.run_dir)
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
         self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
+        try:
+            self._open(model_path, tokenizer)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.out.phase("load", time.perf_counter() - self.t0)
+
+    def _take_run_dir(self, fresh: bool) -> RunLock:
+        """Check where the run writes, lock the run directory, end what a killed run left, and with
+        ``fresh`` remove the tool's files of an earlier run (nothing else)."""
+        job = self.job
+        check_paths(job.input, job.output, job.run_dir)
+        check_output(job.output)
+        check_recognised(job.run_dir)
+        lock = RunLock.acquire(job.run_dir)
+        try:
+            end_leftovers(job.run_dir)
+            if fresh:
+                clear(job.run_dir)
+            mark(job.run_dir)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _open(self, model_path: Path, tokenizer) -> None:
+        job = self.job
+        self.run_dir = RunDir(job.run_dir)
+        self.run_dir.ensure_writable(job.output)
+        self.run_dir.remove_output_leftovers(job.output)
+        self.metrics = MetricsLog(job.run_dir)
         self._claim(output_settings(job, model_path, getattr(tokenizer, "chat_template", None)))
         self.progress = self._progress()
         try:
@@ -103,12 +132,12 @@ class Job:
         except BaseException:
             self.progress.close()
             raise
-        self.out.phase("load", time.perf_counter() - self.t0)
 
     def _claim(self, settings: dict) -> None:
         """Write (or check) the manifest, own the run directory, and read what is committed."""
         started = time.perf_counter()
-        self.out.resumed = check_or_write(self.job.run_dir, input_fingerprint(self.source), settings)
+        fingerprint, has_results = input_fingerprint(self.source), self.run_dir.has_results()
+        self.out.resumed = check_or_write(self.job.run_dir, fingerprint, settings, has_results)
         self.out.phase("read", time.perf_counter() - started)
         self.owner = claim(self.job.run_dir)  # before reading what is committed: see fence.py
         self.done = np.zeros(self.source.num_rows, dtype=bool)
@@ -131,6 +160,12 @@ class Job:
         return RayExecutor(job, self.run_dir, self.metrics, self.progress, self.owner)
 
     def run(self) -> RunOutcome:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> RunOutcome:
         out, job = self.out, self.job
         out.rows, out.rows_skipped = self.source.num_rows, int(self.done.sum())
         out.device, out.dtype, out.workers = self.executor.device, self.executor.dtype, self.executor.workers
