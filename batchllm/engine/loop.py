@@ -59,6 +59,8 @@ class Launched:
 
     step: Step
     sampled: torch.Tensor  # int64 [rows sampled], on the device
+    epoch: int  # the batch state's epoch after the step was launched: its slots are valid while equal
+    finished: int  # rows finished before the step was launched
 
 
 class Engine:
@@ -96,8 +98,9 @@ class Engine:
                 self._retire(pending, on_finish)
                 pending = None
                 continue
-            launched = Launched(step, self.runner.launch(step, pending.sampled if pending else None))
+            sampled = self.runner.launch(step, pending.sampled if pending else None)
             sched.after_step(step)
+            launched = Launched(step, sampled, sched.batch.epoch, sched.num_finished)
             if pending is not None:
                 self._retire(pending, on_finish)
             pending = launched
@@ -113,27 +116,31 @@ class Engine:
         """Each sampled token joins its row (rows finished meanwhile drop theirs); rows that now stop
         are finished."""
         tokens = launched.sampled.tolist()  # the step's one device->host sync
-        step = launched.step
-        seqs, slots, live = step.sampled_seqs, [], []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if seq.finish_reason is None:
+        step, sched = launched.step, self.scheduler
+        seqs = step.sampled_seqs
+        if sched.num_finished == launched.finished and sched.batch.epoch == launched.epoch:
+            for seq, token in zip(seqs, tokens):  # no row left meanwhile: the step's slots still hold
                 seq.token_ids.append(token)
-                live.append(i)
-                if seq.slot is not None:
-                    slots.append(seq.slot)
-        tokens_array = np.asarray(tokens, dtype=np.int64)[live]
-        if len(slots) == len(live):
-            self.scheduler.batch.last_token[slots] = tokens_array
-        else:  # a preempted row has no slot; the others still need their last token
-            self._set_last_tokens([seqs[i] for i in live], tokens_array)
-        lists = [seqs[i].token_ids for i in live] if self.stopper.params.stop else []
-        reasons = self.stopper.check_batch(tokens_array, step.num_output[live] + 1, lists)
-        for i, reason in reasons.items():
-            seq = seqs[live[i]]
-            self.scheduler.finish(seq, reason)
-            on_finish(seq)
+            tokens_array = np.asarray(tokens, dtype=np.int64)
+            sched.batch.last_token[step.slots[step.sample]] = tokens_array
+            num_output = step.num_output + 1
+        else:
+            seqs, tokens_array, num_output = self._append_to_live(seqs, tokens, step.num_output)
+        lists = [seq.token_ids for seq in seqs] if self.stopper.params.stop else []
+        for i, reason in self.stopper.check_batch(tokens_array, num_output, lists).items():
+            sched.finish(seqs[i], reason)
+            on_finish(seqs[i])
 
-    def _set_last_tokens(self, seqs: list[Seq], tokens: np.ndarray) -> None:
-        for seq, token in zip(seqs, tokens):
-            if seq.slot is not None:
-                self.scheduler.batch.last_token[seq.slot] = token
+    def _append_to_live(
+        self, seqs: list[Seq], tokens: list[int], num_output: np.ndarray
+    ) -> tuple[list[Seq], np.ndarray, np.ndarray]:
+        """The slow path of ``_retire``: rows finished since the launch drop their token, and each
+        row's slot is looked up again. Returns the live rows, their tokens and output counts."""
+        live = [i for i, seq in enumerate(seqs) if seq.finish_reason is None]
+        batch = self.scheduler.batch
+        for i in live:
+            seq = seqs[i]
+            seq.token_ids.append(tokens[i])
+            if seq.slot is not None:  # a preempted row has none
+                batch.last_token[seq.slot] = tokens[i]
+        return [seqs[i] for i in live], np.asarray(tokens, dtype=np.int64)[live], num_output[live] + 1

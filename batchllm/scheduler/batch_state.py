@@ -39,6 +39,7 @@ class BatchState:
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         self._holes = False
+        self.epoch = 0  # counts compactions: slots taken before and after one differ
         self._parent_keys: dict[int, int] = {}  # id(parent) -> a small key, stable while it lives
 
     def __len__(self) -> int:
@@ -98,6 +99,7 @@ class BatchState:
         for slot in range(first, len(self.seqs)):
             self.seqs[slot].slot = slot
         self._holes = False
+        self.epoch += 1
 
     # -- reading -----------------------------------------------------------------------------
 

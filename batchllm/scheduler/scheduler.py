@@ -47,6 +47,7 @@ class Scheduler:
         self.batch = BatchState()
         self.live_prefixes: set[Seq] = set()  # prefilled prefixes whose rows are not all done
         self.num_preemptions = 0
+        self.num_finished = 0
 
     @property
     def running(self) -> list[Seq]:
@@ -108,6 +109,7 @@ class Scheduler:
     def finish(self, seq: Seq, reason: str) -> None:
         """A row is done: free its blocks and the prefixes no other row still needs."""
         seq.finish_reason = reason
+        self.num_finished += 1
         if seq.slot is not None:
             self.batch.remove(seq)
         else:

@@ -66,6 +66,8 @@ class Step:
 
     @property
     def sampled_seqs(self) -> list[Seq]:
+        if self.sample.all():
+            return list(self.seqs)
         return [self.seqs[i] for i in np.flatnonzero(self.sample)]
 
     @property
