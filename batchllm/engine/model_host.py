@@ -48,25 +48,35 @@ class ModelHost:
         return str(self.place.dtype).removeprefix("torch.")
 
     def engine(self, blocks_needed: int, blocks_least: int) -> Engine:
-        """A fresh engine over the KV cache, sized to ``blocks_needed`` (all the work at once) when the
-        memory setting allows, and refused below ``blocks_least`` (the longest row with its prefixes)."""
+        """An engine for one piece of work over the host's one KV cache, refused below ``blocks_least``
+        (the longest row with its prefixes). ``blocks_needed`` is all the work at once."""
         cfg = self.cfg
         bytes_per_block = kv_bytes_per_block(self.mcfg, cfg.block_size, self.place.dtype)
-        num_blocks = kv_pool_blocks(cfg, self.place.device, bytes_per_block, blocks_needed)
-        if num_blocks < blocks_least:
+        self._ensure_kv_cache(bytes_per_block, blocks_needed)
+        if self.kv_blocks < blocks_least:
             raise JobError(
-                f"the KV cache holds {num_blocks} blocks but the longest row needs {blocks_least} "
+                f"the KV cache holds {self.kv_blocks} blocks but the longest row needs {blocks_least} "
                 f"({blocks_least * bytes_per_block / 2**20:.1f} MiB); raise --kv-cache-memory"
             )
-        if not self.kv_caches or self.kv_blocks < num_blocks:
-            self.kv_caches = []  # free the old cache before allocating the larger one
-            self.kv_caches = allocate_kv_caches(
-                self.mcfg, num_blocks, cfg.block_size, self.place.dtype, self.place.device
-            )
-            self.kv_blocks = num_blocks
-        pool = BlockPool(num_blocks)
+        pool = BlockPool(self.kv_blocks)
         scheduler = Scheduler(
             pool, cfg.block_size, cfg.token_budget, cfg.max_running, self.sampling.max_new_tokens
         )
         runner = ModelRunner(self.model, self.kv_caches, self.backend, cfg.block_size, self.sampling)
         return Engine(scheduler, runner, self.stopper)
+
+    def _ensure_kv_cache(self, bytes_per_block: int, blocks_needed: int) -> None:
+        """Allocate the KV cache once, sized before anything else holds KV memory, and reuse it for
+        every unit and window. On CUDA it takes the whole memory setting; on the CPU (where memory is
+        not reserved up front) only what the work needs, grown when a later unit needs more."""
+        cuda = self.place.device.type == "cuda"
+        if self.kv_caches and (cuda or self.kv_blocks >= blocks_needed):
+            return
+        self.kv_caches = []  # the CPU's smaller cache goes before the larger one is allocated
+        num_blocks = kv_pool_blocks(
+            self.cfg, self.place.device, bytes_per_block, None if cuda else blocks_needed
+        )
+        self.kv_caches = allocate_kv_caches(
+            self.mcfg, num_blocks, self.cfg.block_size, self.place.dtype, self.place.device
+        )
+        self.kv_blocks = num_blocks

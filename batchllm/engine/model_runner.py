@@ -1,4 +1,9 @@
-"""Turns a StepPlan into tensors, runs the model over the paged KV cache, and samples."""
+"""Runs a scheduled Step on the model over the paged KV cache and samples, without waiting for it.
+
+``launch`` enqueues the step's work and returns its sampled token ids as a device tensor; nothing in
+it waits for the device, so the engine can schedule and prepare the next step meanwhile. A row whose
+input is the token the previous step sampled reads it on the device (``prev_sampled``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import torch
 
 from batchllm.config import SamplingParams
 from batchllm.engine.sampling import sample
+from batchllm.engine.staging import Staging
+from batchllm.engine.step_inputs import step_inputs
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
-from batchllm.scheduler.block_pool import blocks_for
-from batchllm.scheduler.scheduler import Chunk, Step
+from batchllm.scheduler.step import Step
 
 
 class ModelRunner:
@@ -28,22 +34,51 @@ class ModelRunner:
         self.block_size = block_size
         self.sampling = sampling
         self.device = kv_caches[0][0].device
+        self.staging = Staging(self.device)
 
     @torch.inference_mode()
-    def execute(self, step: Step) -> list[int]:
-        """Runs one step; returns the sampled token of every chunk with ``sample``, in step order."""
+    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+        """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order
+        (int64, on the device; reading it is the step's one device->host sync)."""
         self._copy_blocks(step.block_copies)
-        input_ids, positions, meta = self._prepare(step.chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        last = [i for i, c in enumerate(step.chunks) if c.sample]
-        if not last:
-            return []
-        ends = meta.query_start_loc[1:].to(torch.long) - 1
-        logits = self.model.compute_logits(hidden[ends[last]])
-        sampled = [step.chunks[i] for i in last]
-        keys = [c.seq.sample_key for c in sampled]
-        steps = [c.seq.num_output for c in sampled]
-        return sample(logits, self.sampling, keys, steps)
+        inputs = step_inputs(step, self.block_size)
+        dev = self.staging.send(inputs.host_arrays())
+        input_ids = dev["input_ids"]
+        if prev_sampled is not None and len(step.prev_rows):
+            rows = torch.from_numpy(inputs.query_start_loc[1:][step.prev_rows] - 1).to(self.device)
+            input_ids[rows] = prev_sampled[torch.from_numpy(step.prev_index).to(self.device)]
+        meta = self._metadata(step, inputs, dev)
+        hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
+        if not len(inputs.logit_rows):
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[dev["logit_rows"]])
+        keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
+        return sample(logits, self.sampling, keys, step.num_output)
+
+    def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
+        """Everything that depends only on the step, built once for all layers."""
+        q_cpu, lens_cpu = step.query_lens.tolist(), inputs.seq_lens.tolist()
+        groups = None
+        if inputs.group_start_loc is not None:
+            starts = inputs.group_start_loc
+            groups = DecodeGroups(
+                group_start_loc=dev["group_start_loc"],
+                shared_blocks=dev["shared_blocks"],
+                max_group_size=int(np.diff(starts).max()),
+                group_start_cpu=tuple(starts.tolist()),
+                shared_blocks_cpu=tuple(inputs.shared_blocks.tolist()),
+            )
+        return AttentionMetadata(
+            query_start_loc=dev["query_start_loc"],
+            seq_lens=dev["seq_lens"],
+            block_tables=dev["block_tables"],
+            slot_mapping=dev["slot_mapping"],
+            max_query_len=max(q_cpu),
+            max_seq_len=max(lens_cpu),
+            query_lens_cpu=tuple(q_cpu),
+            seq_lens_cpu=tuple(lens_cpu),
+            decode_groups=groups,
+        )
 
     def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         """Give sequences their private copy of a shared prefix's last, partial block."""
@@ -54,60 +89,3 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
-
-    def _prepare(self, chunks: tuple[Chunk, ...]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        ids, positions, slots = [], [], []
-        query_lens, seq_lens = [], []
-        max_blocks = max(blocks_for(c.end, bs) for c in chunks)
-        tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-        for i, c in enumerate(chunks):
-            table = c.seq.block_table[: blocks_for(c.end, bs)]
-            tables[i, : len(table)] = table
-            pos = np.arange(c.start, c.end, dtype=np.int64)
-            ids.append(c.seq.token_ids[c.start : c.end])
-            positions.append(pos)
-            slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-            query_lens.append(c.num_tokens)
-            seq_lens.append(c.end)
-        qsl = np.zeros(len(chunks) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        to_dev = self._to_device
-        meta = AttentionMetadata(
-            query_start_loc=to_dev(qsl),
-            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=to_dev(tables),
-            slot_mapping=to_dev(np.concatenate(slots)),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=tuple(query_lens),
-            seq_lens_cpu=tuple(seq_lens),
-            decode_groups=self._decode_groups(chunks) if max(query_lens) == 1 else None,
-        )
-        flat_ids = np.fromiter((t for seq_ids in ids for t in seq_ids), dtype=np.int64)
-        return to_dev(flat_ids), to_dev(np.concatenate(positions)), meta
-
-    def _decode_groups(self, chunks: tuple[Chunk, ...]) -> DecodeGroups:
-        """Consecutive rows under the same prefix form a group that shares its borrowed blocks."""
-        starts, shared = [0], []
-        for i, c in enumerate(chunks):
-            if i and c.seq.parent is not None and c.seq.parent is chunks[i - 1].seq.parent:
-                continue
-            if i:
-                starts.append(i)
-            shared.append(c.seq.num_borrowed_blocks)
-        starts.append(len(chunks))
-        sizes = np.diff(starts)
-        return DecodeGroups(
-            group_start_loc=self._to_device(np.asarray(starts, dtype=np.int32)),
-            shared_blocks=self._to_device(np.asarray(shared, dtype=np.int32)),
-            max_group_size=int(sizes.max()),
-            group_start_cpu=tuple(starts),
-            shared_blocks_cpu=tuple(shared),
-        )
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor

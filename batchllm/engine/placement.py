@@ -52,8 +52,11 @@ def make_backend(cfg: EngineConfig, device: torch.device) -> AttentionBackend:
     return TorchAttention()
 
 
-def kv_pool_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int, blocks_needed: int) -> int:
-    """Blocks the KV pool gets: the memory setting's worth, never more than the job can use."""
+def kv_pool_blocks(
+    cfg: EngineConfig, device: torch.device, bytes_per_block: int, blocks_needed: int | None
+) -> int:
+    """Blocks the KV pool gets: the memory setting's worth, never more than ``blocks_needed`` (None:
+    no cap). On CUDA, call it before the KV cache is allocated: it reads the free memory."""
     setting = parse_memory(cfg.kv_cache_memory) if cfg.kv_cache_memory else None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -62,4 +65,5 @@ def kv_pool_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int
             budget = setting
     else:
         budget = setting if setting is not None and setting > 1 else CPU_DEFAULT_KV_BYTES
-    return max(1, min(int(budget // bytes_per_block), blocks_needed))
+    blocks = int(budget // bytes_per_block)
+    return max(1, blocks if blocks_needed is None else min(blocks, blocks_needed))

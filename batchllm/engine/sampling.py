@@ -8,6 +8,7 @@ rows share its batch, the order of work, the token budget, or preemptions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -26,16 +27,20 @@ def uniform(key: int, step: int) -> float:
     return (int.from_bytes(digest.digest(), "little") >> 11) / float(1 << 53)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, keys: list[int], steps: list[int]) -> list[int]:
-    """Pick one token per row. ``logits``: [num_rows, vocab] float32."""
+def sample(
+    logits: torch.Tensor, params: SamplingParams, keys: list[int], steps: Sequence[int]
+) -> torch.Tensor:
+    """Pick one token per row (int64 [num_rows], on the logits' device; no host sync).
+    ``logits``: [num_rows, vocab] float32; ``steps``: tokens each row has generated so far."""
     if params.greedy:
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     probs = _filtered_probs(logits.float() / params.temperature, params)
-    u = torch.tensor([uniform(k, s) for k, s in zip(keys, steps)], dtype=probs.dtype, device=probs.device)
+    draws = [uniform(k, int(s)) for k, s in zip(keys, steps)]
+    u = torch.tensor(draws, dtype=probs.dtype, device=probs.device)
     cdf = probs.cumsum(dim=-1)
     # Inverse-CDF draw; clamp guards against a cdf that ends a hair below u after rounding.
     picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
-    return picks.clamp_(max=logits.shape[-1] - 1).tolist()
+    return picks.clamp_(max=logits.shape[-1] - 1)
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

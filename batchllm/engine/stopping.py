@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from batchllm.config import SamplingParams
 
 
@@ -9,6 +11,7 @@ class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], params: SamplingParams) -> None:
         self.tokenizer = tokenizer
         self.eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        self._eos_array = np.fromiter(self.eos, dtype=np.int64, count=len(self.eos))
         self.params = params
         # Enough trailing tokens to contain any stop string (a token is at least one byte).
         self._tail = max((len(s.encode()) for s in params.stop), default=0) + 8
@@ -23,6 +26,22 @@ class StopChecker:
         if num_output >= self.params.max_new_tokens:
             return "length"
         return None
+
+    def check_batch(
+        self, tokens: np.ndarray, num_output: np.ndarray, token_lists: list[list[int]]
+    ) -> dict[int, str]:
+        """``check`` for many rows at once: ``tokens`` [n] just sampled, ``num_output`` [n] tokens each
+        row has generated with it, ``token_lists`` each row's tokens (read only for stop strings).
+        Returns the finish reason of each row that stops, by its index."""
+        stop = np.isin(tokens, self._eos_array)
+        if self.params.stop:
+            tails = np.minimum(self._tail, num_output)
+            hits = [self._hits_stop(ids[-int(t) :]) for ids, t in zip(token_lists, tails)]
+            stop |= np.asarray(hits, dtype=bool)
+        length = ~stop & (num_output >= self.params.max_new_tokens)
+        reasons = {int(i): "stop" for i in np.flatnonzero(stop)}
+        reasons.update((int(i), "length") for i in np.flatnonzero(length))
+        return reasons
 
     def text(self, output_ids: list[int]) -> str:
         """The decoded output, cut before the first stop string."""

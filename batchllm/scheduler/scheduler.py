@@ -10,36 +10,28 @@ preempted: its blocks are released and it is recomputed later (its generated tok
 A prefilled prefix cannot be preempted (its rows would all have to be), so a new shared prefix is
 admitted only when the pool, after it, still holds the worst-case growth of every running row
 (each up to ``max_new_tokens``): an idle prefix can then never starve the rows ahead of it.
+
+Running sequences live in a ``BatchState`` (arrays, one slot each, in step order): a step's chunk
+sizes, block growth and sample flags come from vectorised arithmetic over the slots, and Python
+touches only the rows that change (a new block, an admission, a preemption, a finish).
+
+A sampled token counts as soon as its step is launched (``after_step``), before its value reaches the
+host: the engine may schedule the next step while the device still runs this one. ``finish`` comes
+once the value is known; a row that has generated ``max_new_tokens`` is not scheduled again meanwhile.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+import numpy as np
+
+from batchllm.scheduler.batch_state import BatchState
 from batchllm.scheduler.block_pool import BlockPool, blocks_for
 from batchllm.scheduler.seq import Seq, SeqKind
+from batchllm.scheduler.step import Chunk, Step
 
-
-@dataclass(frozen=True)
-class Chunk:
-    seq: Seq
-    start: int  # first position computed in this step (== seq.num_computed at schedule time)
-    num_tokens: int
-    sample: bool  # a row reaches its last known token: sample the next one
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-
-@dataclass(frozen=True)
-class Step:
-    """What one engine step computes: a chunk of new tokens for each of its sequences."""
-
-    chunks: tuple[Chunk, ...]
-    block_copies: tuple[tuple[int, int], ...]  # (src, dst): partial prefix blocks copied before the step
-    prefill_tokens: int  # tokens computed for prompts (or recomputed after preemption), not decode
+__all__ = ["Chunk", "Scheduler", "Step"]
 
 
 class Scheduler:
@@ -52,9 +44,15 @@ class Scheduler:
         self.token_budget = token_budget
         self.max_running = max_running
         self.waiting: deque[Seq] = deque()
-        self.running: list[Seq] = []
+        self.batch = BatchState()
         self.live_prefixes: set[Seq] = set()  # prefilled prefixes whose rows are not all done
         self.num_preemptions = 0
+        self.num_finished = 0
+
+    @property
+    def running(self) -> list[Seq]:
+        self.batch.compact()
+        return self.batch.seqs
 
     def add(self, seq: Seq) -> None:
         """Queue work in execution order (a prefix before the sequences beneath it)."""
@@ -63,22 +61,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Step:
-        """The next step: running sequences first, then waiting ones admitted in order."""
-        budget = self.token_budget
-        chunks: list[Chunk] = []
+    def schedule(self) -> Step | None:
+        """The next step: running sequences first, then waiting ones admitted in order. None: no
+        sequence can run before the tokens of the step under way are known (see ``finish``)."""
+        batch = self.batch
+        batch.compact()
+        query_lens = self._running_chunks()
+        preempted = self._grow_running(query_lens)
+        query_lens = query_lens[: len(batch)]
+        budget = self.token_budget - int(query_lens.sum())
         copies: list[tuple[int, int]] = []
-        preemptions_before = self.num_preemptions
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if self._grow_or_preempt(seq, seq.num_computed + n):  # victims come from the end
-                chunks.append(self._chunk(seq, n))
-                budget -= n
-                i += 1
-        preempted = self.num_preemptions > preemptions_before
-        while budget > 0 and not preempted and self.waiting and len(self.running) < self.max_running:
+        admitted: list[int] = []
+        while budget > 0 and not preempted and self.waiting and len(batch) < self.max_running:
             seq = self.waiting[0]
             if seq.parent is not None and not seq.parent.prefilled:
                 break  # its prefix is still being prefilled; the next step admits it
@@ -86,28 +80,40 @@ class Scheduler:
             if n is None:
                 break
             self.waiting.popleft()
-            self.running.append(seq)
-            chunks.append(self._chunk(seq, n))
+            batch.add(seq)
+            admitted.append(n)
             budget -= n
-        if not chunks and self.has_work():
-            raise RuntimeError("scheduler made no progress: the KV pool is too small for one sequence")
-        prefill = sum(c.num_tokens - (1 if c.sample and c.end > c.seq.prompt_len else 0) for c in chunks)
-        return Step(tuple(chunks), tuple(copies), prefill)
+        query_lens = np.concatenate([query_lens, np.asarray(admitted, dtype=np.int64)])
+        if query_lens.any():
+            return self._step(query_lens, tuple(copies))
+        if len(batch):
+            return None  # every running row is on hold until its last sampled token comes back
+        raise RuntimeError("scheduler made no progress: the KV pool is too small for one sequence")
 
     def after_step(self, step: Step) -> None:
-        """Mark the step's tokens as computed; prefixes that are now whole become lendable."""
-        for chunk in step.chunks:
-            seq = chunk.seq
-            seq.num_computed = chunk.end
-            if seq.kind is SeqKind.PREFIX and seq.num_computed == seq.num_tokens:
-                seq.prefilled = True
-                self.running.remove(seq)
-                self.live_prefixes.add(seq)
+        """The step is under way: its tokens count as computed and its sampled tokens as the rows'
+        next ones; prefixes that are now whole become lendable."""
+        batch, slots = self.batch, step.slots
+        batch.num_computed[slots] = step.starts + step.query_lens
+        batch.num_tokens[slots] += step.sample
+        batch.from_prev[: len(batch)] = False
+        batch.from_prev[slots] = step.sample
+        batch.prev_index[slots[step.sample]] = np.arange(int(step.sample.sum()))
+        done = ~batch.is_row[slots] & (batch.num_computed[slots] == batch.num_tokens[slots])
+        for slot in slots[done]:
+            seq = batch.seqs[slot]
+            batch.remove(seq)
+            seq.prefilled = True
+            self.live_prefixes.add(seq)
 
     def finish(self, seq: Seq, reason: str) -> None:
         """A row is done: free its blocks and the prefixes no other row still needs."""
         seq.finish_reason = reason
-        self.running.remove(seq)
+        self.num_finished += 1
+        if seq.slot is not None:
+            self.batch.remove(seq)
+        else:
+            self.waiting.remove(seq)  # preempted while its last token was on its way
         self._release(seq)
         node = seq.parent
         while node is not None:
@@ -119,35 +125,58 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _chunk(self, seq: Seq, n: int) -> Chunk:
-        end = seq.num_computed + n
-        return Chunk(seq, seq.num_computed, n, sample=seq.is_row and end == seq.num_tokens)
+    def _running_chunks(self) -> np.ndarray:
+        """int64 [running]: each running sequence's chunk under the budget, in slot order."""
+        b, n = self.batch, len(self.batch)
+        need = b.num_tokens[:n] - b.num_computed[:n]
+        need[b.is_row[:n] & (b.num_tokens[:n] - b.prompt_len[:n] >= self.max_new_tokens)] = 0
+        before = np.cumsum(need) - need
+        return np.clip(self.token_budget - before, 0, need)
 
-    def _blocks_for(self, num_tokens: int) -> int:
-        return blocks_for(num_tokens, self.block_size)
+    def _grow_running(self, query_lens: np.ndarray) -> bool:
+        """Blocks for every running chunk, preempting the newest rows when the pool runs dry.
+        True when something was preempted (the batch is then shorter than ``query_lens``)."""
+        b, bs = self.batch, self.block_size
+        n = len(b)
+        wanted = -(-(b.num_computed[:n] + query_lens) // bs)
+        preempted = False
+        for slot in np.flatnonzero(wanted > b.num_blocks[:n]):
+            if slot >= len(b):
+                break
+            while (blocks := self.pool.allocate(int(wanted[slot] - b.num_blocks[slot]))) is None:
+                preempted = True
+                self._preempt(b.seqs[-1])
+                if slot >= len(b):
+                    break
+            if blocks is not None:
+                b.append_blocks(slot, blocks)
+        return preempted
 
-    def _grow(self, seq: Seq, num_tokens: int) -> bool:
-        extra = self._blocks_for(num_tokens) - len(seq.block_table)
-        if extra <= 0:
-            return True
-        blocks = self.pool.allocate(extra)
-        if blocks is None:
-            return False
-        seq.block_table.extend(blocks)
-        return True
-
-    def _grow_or_preempt(self, seq: Seq, num_tokens: int) -> bool:
-        """Grow ``seq`` to hold ``num_tokens``, preempting newer sequences as needed. False: ``seq``
-        itself had to be preempted."""
-        while not self._grow(seq, num_tokens):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        return True
+    def _step(self, query_lens: np.ndarray, copies: tuple[tuple[int, int], ...]) -> Step:
+        b = self.batch
+        n = int(np.count_nonzero(query_lens))
+        whole = bool(query_lens[:n].all())  # the chunks are slots 0..n-1 unless a row is on hold
+        slots = np.arange(n) if whole else np.flatnonzero(query_lens)
+        take = slice(0, n) if whole else slots
+        starts, query_lens = b.num_computed[take].copy(), query_lens[take]
+        ends = starts + query_lens
+        tail = ends == b.num_tokens[take]
+        sample = b.is_row[take] & tail
+        from_prev = b.from_prev[take]
+        prefill = int(query_lens.sum()) - int((sample & (ends > b.prompt_len[take])).sum())
+        groups = shared = None
+        if (query_lens == 1).all():
+            groups = b.group_starts(take)
+            shared = b.num_borrowed[take][groups]
+        return Step(
+            tuple(b.seqs[i] for i in slots) if not whole else tuple(b.seqs[:n]), slots, starts,
+            query_lens, tail, sample, b.block_tables[take], b.last_token[take].copy(),
+            (ends - b.prompt_len[take])[sample], np.flatnonzero(from_prev), b.prev_index[take][from_prev],
+            groups, shared, copies, prefill,
+        )  # fmt: skip
 
     def _preempt(self, seq: Seq) -> None:
-        self.running.remove(seq)
+        self.batch.remove(seq)
         self._release(seq)
         seq.num_computed = 0
         seq.preemptions += 1
@@ -160,9 +189,9 @@ class Scheduler:
         n = min(seq.num_tokens - start, budget)
         parent = seq.parent
         borrowed = parent.block_table[: start // self.block_size] if parent is not None else []
-        own = self._blocks_for(start + n) - len(borrowed)
+        own = blocks_for(start + n, self.block_size) - len(borrowed)
         if seq.kind is SeqKind.PREFIX:
-            whole = self._blocks_for(seq.num_tokens) - len(borrowed)
+            whole = blocks_for(seq.num_tokens, self.block_size) - len(borrowed)
             if self.pool.num_free - whole < self._running_growth():
                 return None
         blocks = self.pool.allocate(own)
@@ -178,11 +207,9 @@ class Scheduler:
 
     def _running_growth(self) -> int:
         """Blocks the running sequences may still need: prefixes to their end, rows to max_new_tokens."""
-        return sum(
-            self._blocks_for(seq.prompt_len + (self.max_new_tokens if seq.is_row else 0))
-            - len(seq.block_table)
-            for seq in self.running
-        )
+        b, n = self.batch, len(self.batch)
+        final = b.prompt_len[:n] + np.where(b.is_row[:n], self.max_new_tokens, 0)
+        return int((-(-final // self.block_size) - b.num_blocks[:n])[b.alive[:n]].sum())
 
     def _release(self, seq: Seq) -> None:
         self.pool.release(seq.block_table)
@@ -192,16 +219,18 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Reference counts equal the block-table entries of every live sequence."""
         self.pool.check_invariants()
-        expected = [0] * self.pool.num_blocks
+        self.batch.check_invariants()
+        expected = np.zeros(self.pool.num_blocks, dtype=np.int64)
         for seq in [*self.running, *self.live_prefixes]:
-            for b in seq.block_table:
-                expected[b] += 1
-            if len(seq.block_table) < self._blocks_for(seq.num_computed):
+            table = self.batch.block_table(seq.slot) if seq.slot is not None else seq.block_table
+            np.add.at(expected, table, 1)
+            computed = self.batch.num_computed[seq.slot] if seq.slot is not None else seq.num_computed
+            if len(table) < blocks_for(int(computed), self.block_size):
                 raise AssertionError(f"sequence {seq.index} has fewer blocks than computed tokens")
         for seq in self.waiting:
             if seq.block_table:
                 raise AssertionError(f"waiting sequence {seq.index} holds blocks")
-        if expected != self.pool._refs.tolist():
+        if not np.array_equal(expected, self.pool._refs):
             raise AssertionError("block reference counts disagree with the live block tables")
         if len(self.running) > self.max_running:
             raise AssertionError("more running sequences than max_running")

@@ -38,6 +38,10 @@ class Seq:
     prefilled: bool = False  # PREFIX: all its tokens are in the cache
     finish_reason: str | None = None
     preemptions: int = 0
+    slot: int | None = None  # its slot in the scheduler's BatchState while it runs
+
+    # While a sequence runs, the BatchState holds its live block table and num_computed; they are
+    # written back here when it leaves (finished, preempted, or a prefix prefilled).
 
     @classmethod
     def row(cls, index: int, prompt: list[int], parent: Seq | None = None, sample_key: int = 0) -> Seq:

@@ -1,0 +1,122 @@
+"""Host milliseconds per engine step: schedule + prepare + sample + stop checks + bookkeeping.
+
+The model is a stub that returns correctly shaped zeros, so every millisecond measured is host work.
+Rows sit under shared prefixes nested two deep (one system prefix, groups of 16 rows) with contexts
+of about 2k tokens. Two step kinds are timed once every row is decoding:
+
+  decode  every running row decodes one token
+  mixed   the same, plus one fresh row's 512-token prefill chunk in the step
+
+Usage: python benchmarks/bench_step.py [--rows 256 1024 4096] [--steps 40]
+A step is timed between consecutive ``should_stop`` calls of ``Engine.run``, so the figure covers the
+whole loop body, whatever the engine does inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from batchllm.config import SamplingParams
+from batchllm.engine.loop import Engine
+from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.stopping import StopChecker
+from batchllm.errors import Interrupted
+from batchllm.scheduler.block_pool import BlockPool
+from batchllm.scheduler.scheduler import Scheduler
+from batchllm.scheduler.seq import Seq
+
+BLOCK_SIZE = 16
+SYSTEM, GROUP, OWN, PER_GROUP, MIXED_CHUNK = 1536, 256, 256, 16, 512
+HIDDEN, VOCAB = 64, 256
+MAX_NEW = 1024  # rows never finish while they are timed; the scheduler reserves room for this
+
+
+class StubModel(torch.nn.Module):
+    """Zeros of the right shapes: hidden [T, HIDDEN], logits [N, VOCAB] (greedy picks token 0)."""
+
+    def forward(self, input_ids, positions, kv_caches, meta, backend):  # noqa: ARG002
+        return torch.zeros(input_ids.shape[0], HIDDEN)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape[0], VOCAB)
+
+
+def work(num_rows: int) -> list[Seq]:
+    """A system prefix, group prefixes beneath it, rows beneath those: depth-first execution order."""
+    system = Seq.prefix(0, [1] * SYSTEM, pending_rows=num_rows)
+    out = [system]
+    for g in range(-(-num_rows // PER_GROUP)):
+        rows = min(PER_GROUP, num_rows - g * PER_GROUP)
+        group = Seq.prefix(1 + g, system.token_ids + [2 + g % 50] * GROUP, system, pending_rows=rows)
+        out.append(group)
+        for r in range(rows):
+            out.append(Seq.row(g * PER_GROUP + r, group.token_ids + [3 + r] * OWN, group))
+    return out
+
+
+def make_engine(num_rows: int) -> Engine:
+    sampling = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    own_blocks = -(-(OWN + MAX_NEW) // BLOCK_SIZE) + 1
+    num_blocks = num_rows * (own_blocks + 2) + 4096
+    pool = BlockPool(num_blocks)
+    scheduler = Scheduler(pool, BLOCK_SIZE, num_rows + MIXED_CHUNK, 2 * num_rows, sampling.max_new_tokens)
+    caches = [(torch.zeros(num_blocks, 1, 1, 1), torch.zeros(num_blocks, 1, 1, 1))]
+    runner = ModelRunner(StubModel(), caches, None, BLOCK_SIZE, sampling)
+    return Engine(scheduler, runner, StopChecker(None, (), sampling))
+
+
+class Clock:
+    """``should_stop`` for Engine.run: records step times once all rows decode; stops after ``steps``."""
+
+    def __init__(self, engine: Engine, num_rows: int, steps: int, mixed: bool) -> None:
+        self.engine, self.num_rows, self.steps, self.mixed = engine, num_rows, steps, mixed
+        self.times: list[float] = []
+        self.extra = 0
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        sched = self.engine.scheduler
+        decoding = len(sched.running) >= self.num_rows and not sched.waiting
+        if not self.times and not decoding:
+            return False  # still prefilling
+        self.times.append(now)
+        if self.mixed:  # one fresh 512-token row for the next step to admit
+            self.extra += 1
+            sched.add(Seq.row(10**9 + self.extra, [7] * MIXED_CHUNK))
+        return len(self.times) > self.steps + 5
+
+
+def measure(num_rows: int, steps: int, mixed: bool) -> float:
+    engine = make_engine(num_rows)
+    clock = Clock(engine, num_rows, steps, mixed)
+    try:
+        engine.run(work(num_rows), lambda seq: None, clock)
+    except Interrupted:
+        pass
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])][5:]  # the first steps warm up
+    return statistics.median(gaps) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = []
+    for rows in args.rows:
+        for mixed in (False, True):
+            ms = measure(rows, args.steps, mixed)
+            results.append({"rows": rows, "step": "mixed" if mixed else "decode", "host_ms": round(ms, 2)})
+            print(json.dumps(results[-1]), flush=True)
+    print(json.dumps({"machine": platform.processor() or platform.machine(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
