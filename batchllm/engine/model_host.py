@@ -47,12 +47,17 @@ class ModelHost:
     def dtype_name(self) -> str:
         return str(self.place.dtype).removeprefix("torch.")
 
+    def pool_blocks(self, blocks_needed: int) -> int:
+        """Blocks a pool for ``blocks_needed`` gets: that many, unless the memory setting allows fewer."""
+        bytes_per_block = kv_bytes_per_block(self.mcfg, self.cfg.block_size, self.place.dtype)
+        return kv_pool_blocks(self.cfg, self.place.device, bytes_per_block, blocks_needed)
+
     def engine(self, blocks_needed: int, blocks_least: int) -> Engine:
         """A fresh engine over the KV cache, sized to ``blocks_needed`` (all the work at once) when the
         memory setting allows, and refused below ``blocks_least`` (the longest row with its prefixes)."""
         cfg = self.cfg
         bytes_per_block = kv_bytes_per_block(self.mcfg, cfg.block_size, self.place.dtype)
-        num_blocks = kv_pool_blocks(cfg, self.place.device, bytes_per_block, blocks_needed)
+        num_blocks = self.pool_blocks(blocks_needed)
         if num_blocks < blocks_least:
             raise JobError(
                 f"the KV cache holds {num_blocks} blocks but the longest row needs {blocks_least} "
