@@ -28,7 +28,7 @@ from batchllm.io.metrics import MetricsLog
 from batchllm.io.writer import RunDir
 from batchllm.job.assignment import Assignment
 from batchllm.job.unit_worker import UnitCalls, UnitStats
-from batchllm.job.units import WorkUnit
+from batchllm.job.units import WorkUnit, largest_kv_blocks
 
 log = logging.getLogger("batchllm")
 
@@ -87,11 +87,7 @@ class RayExecutor:
     def run(self, units: list[WorkUnit], calls: UnitCalls, on_done: Callable[[UnitStats], None]) -> None:
         ray = self.ray
         assignment = Assignment(units, [w.name for w in self._live()])
-        job = self.job
-        # Every worker's pool fits the largest unit, so a kept prefix never has to make way for a new pool.
-        kv_blocks = max(
-            (u.kv_blocks(job.engine.block_size, job.sampling.max_new_tokens)[0] for u in units), default=0
-        )
+        kv_blocks = largest_kv_blocks(units, self.job.engine.block_size, self.job.sampling.max_new_tokens)
         inflight: dict = {}  # ObjectRef -> (worker, unit)
         attempts: Counter[str] = Counter()
         stopping = False

@@ -4,10 +4,11 @@ A unit is a contiguous run of the plan's row order (its representative rows, wit
 plus every chosen prefix on their paths from the root. The cut works top-down: the root is cut into
 its child groups and batches of the rows attached to it, packed in plan order into pieces of at most
 ``target`` work (~1/(4 * workers) of the window). A group holding at most ``2 * target`` stays whole,
-in one piece. A bigger one is cut the same way one level down; that repeats the group's prefix in
-every piece (each prefills it once), so its pieces are made big enough that the repeated prefill
-stays under ``MAX_REPEAT`` of the group's work. So with one system prompt shared by every row, the
-groups beneath it, a few to a unit, become the units.
+in one piece. A bigger one is cut the same way one level down, and every piece carries the group's
+prefix. A worker keeps a prefix between consecutive units that need it (``job.live_prefixes``) and the
+units of a window are assigned in runs of this order (``job.assignment``), so the prefix is prefilled
+once per worker that runs pieces of it, not once per piece. So with one system prompt shared by every
+row, the groups beneath it, a few to a unit, become the units.
 
 Predicted work = planned prefill tokens (repeated prefixes included) + representatives * max_new_tokens.
 """
@@ -27,7 +28,6 @@ from batchllm.scheduler.block_pool import blocks_for
 from batchllm.scheduler.seq import Seq
 
 UNITS_PER_WORKER = 4  # enough pieces that handing out the biggest first balances the workers
-MAX_REPEAT = 0.25  # most repeated prefix tokens a cut may add, as a fraction of the group's work
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +109,12 @@ class WorkUnit:
             row_node=self.row_node[kept],
             work=max(1, self.work * len(order) // max(1, len(self.order))),
         )
+
+
+def largest_kv_blocks(units: list[WorkUnit], block_size: int, max_new_tokens: int) -> int:
+    """KV blocks the largest unit needs all at once: a worker's pool that size keeps its prefixes
+    for later units without ever being replaced by a larger one."""
+    return max((u.kv_blocks(block_size, max_new_tokens)[0] for u in units), default=0)
 
 
 def prefix_key(tokens: np.ndarray) -> int:
@@ -206,13 +212,7 @@ class _Cut:
         items.sort()
         if v == 0:
             return _pack(items, self.target)
-        # Every piece prefills v's prefix again: pieces grow until that repeat is small enough.
-        most = 1 + int(MAX_REPEAT * (lv + self.below[v]) // lv)
-        budget = max(1, self.target - lv)
-        packed = _pack(items, budget)
-        while len(packed) > most:
-            budget = budget * 5 // 4 + 1
-            packed = _pack(items, budget)
+        packed = _pack(items, max(1, self.target - lv))  # every piece carries v's prefix
         return packed if len(packed) > 1 else whole
 
 
