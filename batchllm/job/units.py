@@ -212,7 +212,7 @@ class _Cut:
         items.sort()
         if v == 0:
             return _pack(items, self.target)
-        packed = _pack(items, max(1, self.target - lv))  # every piece carries v's prefix
+        packed = _pack(items, self.target)  # every piece carries v's prefix, prefilled once per worker
         return packed if len(packed) > 1 else whole
 
 
