@@ -96,6 +96,9 @@ def plan(
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
     prefix_sharing: Annotated[bool, Opt()] = True,
     window: Annotated[int, Opt(help="As for run.")] = 0,
+    workers: Annotated[
+        int, Opt(help="Also estimate prefill and prefix copies per worker for a run on N workers.", min=1)
+    ] = 1,
     json_out: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
     debug: Annotated[bool, Opt()] = False,
 ) -> None:
@@ -115,12 +118,17 @@ def plan(
             sampling=SamplingParams(max_new_tokens=max_new_tokens),
             engine=EngineConfig(prefix_sharing=prefix_sharing),
             window_rows=window,
+            workers=workers,
         )
         figures = plan_job(spec)
     if json_out:
         typer.echo(json.dumps(figures))
         return
     table = Table(title=f"batchllm plan: {input}", show_header=False)
+    for name, w in figures.pop("per_worker", {}).items():
+        figures[f"worker {name}"] = (
+            f"{w['units']} units  {w['prefill_tokens']:,} prefill ({w['prefix_copy_tokens']:,} prefix copies)"
+        )
     for key, value in figures.items():
         table.add_row(
             key,

@@ -140,6 +140,32 @@ def test_two_workers_give_the_one_worker_output(ray_runtime, job):
     assert all(w["output_tokens_per_second"] > 0 for w in report["workers"].values())
 
 
+def test_a_shared_instruction_is_prefilled_once_per_worker(ray_runtime, job):
+    """Under one instruction (--prefix) the plan is cut inside it; each worker prefills it once and keeps
+    it between its units, as `plan --workers 2` predicts; the output equals one worker's."""
+    root = job["root"]
+    (root / "instruction.txt").write_text("You rate product reviews. " * 12)
+    instruction = ["--prefix", str(root / "instruction.txt")]
+    code, out = cli(job, "instr1", *instruction)
+    assert code == 0, out
+    code, out = cli(job, "instr2", *instruction, "--workers", "2")
+    assert code == 0, out
+    assert pq.read_table(root / "instr2.parquet").equals(pq.read_table(root / "instr1.parquet"))
+    one, two = (json.loads((root / f"instr{n}.json").read_text()) for n in (1, 2))
+    copies = sum(w["prefix_copy_tokens"] for w in two["workers"].values())
+    assert two["prefill_tokens_computed"] == one["prefill_tokens_computed"] + copies
+    assert sum(w["prefill_tokens"] for w in two["workers"].values()) == two["prefill_tokens_computed"]
+    plan = CliRunner().invoke(app, [
+        "plan", str(root / "in.parquet"), "--model", str(job["model"]), *instruction,
+        "--max-new-tokens", "6", "--workers", "2", "--json",
+    ])  # fmt: skip
+    assert plan.exit_code == 0, plan.output
+    estimate = json.loads(plan.output)
+    assert estimate["prefill_tokens_planned"] == one["prefill_tokens_computed"]
+    assert estimate["prefill_tokens_with_workers"] == two["prefill_tokens_computed"]
+    assert 0 < copies == estimate["prefix_copy_tokens"] < estimate["avg_prefix_tokens"] * 2
+
+
 def test_a_killed_worker_has_its_units_finished_by_the_other(ray_runtime, job, monkeypatch):
     monkeypatch.setenv("BATCHLLM_WORKER_CRASH_AT", "0:row:3")  # worker 0 SIGKILLs itself at its 3rd row
     code, out = cli(job, "killed", "--workers", "2")

@@ -1,10 +1,12 @@
-"""The driver side of a Ray run: engine workers (actors), units handed out biggest first, faults.
+"""The driver side of a Ray run: engine workers (actors), units handed out prefix-affine, faults.
 
-Every worker keeps ``IN_FLIGHT`` units queued so it never idles between units; further units go to
-whichever worker frees a slot first, so a slow worker just gets fewer units. A worker that dies has
-its unfinished units handed to the others, less the rows it already committed; when every worker has
-died a fresh set starts, at most ``MAX_RESTARTS`` times. Workers write their own shards, so the run
-directory must be shared storage on a multi-node cluster.
+``job.assignment`` decides which worker runs which unit: each worker a contiguous run of the plan's
+depth-first order, keeping the prefixes its later units (or units it may steal) need, and stealing
+only when its own queue is empty. A worker runs one unit at a time (``IN_FLIGHT``) and gets the next
+the moment it reports, so every unit not yet running can still go to whichever worker idles first. A
+worker that dies has its queue and the rest of its unit (less the rows it committed) handed to the
+others; when every worker has died a fresh set starts, at most ``MAX_RESTARTS`` times. Workers write
+their own shards, so the run directory must be shared storage on a multi-node cluster.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,13 +26,14 @@ from batchllm.errors import Interrupted, JobError
 from batchllm.io.faults import CRASH_ENV, worker_crash_spec
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.writer import RunDir
+from batchllm.job.assignment import Assignment
 from batchllm.job.leftovers import forget_processes, record_processes
 from batchllm.job.unit_worker import UnitCalls, UnitStats
-from batchllm.job.units import WorkUnit
+from batchllm.job.units import WorkUnit, largest_kv_blocks
 
 log = logging.getLogger("batchllm")
 
-IN_FLIGHT = 2  # units queued on a worker: the next starts the moment one ends
+IN_FLIGHT = 1  # units sent to a worker at once: one queued in an actor could not be stolen
 MAX_RESTARTS = 2  # fresh sets of workers after all have died
 MAX_UNIT_ATTEMPTS = 4  # a unit that kills every worker it meets fails the job
 START_TIMEOUT_S = 900.0  # workers waiting for resources the cluster lacks
@@ -85,18 +88,19 @@ class RayExecutor:
 
     def run(self, units: list[WorkUnit], calls: UnitCalls, on_done: Callable[[UnitStats], None]) -> None:
         ray = self.ray
-        queue = deque(sorted(units, key=lambda u: -u.work))
+        assignment = Assignment(units, [w.name for w in self._live()])
+        kv_blocks = largest_kv_blocks(units, self.job.engine.block_size, self.job.sampling.max_new_tokens)
         inflight: dict = {}  # ObjectRef -> (worker, unit)
         attempts: Counter[str] = Counter()
         stopping = False
-        while queue or inflight:
+        while assignment or inflight:
             if not stopping and calls.should_stop():
                 stopping = True
-                queue.clear()
+                assignment = Assignment([], [])
                 for w in self._live():
                     w.actor.stop.remote()
-            if queue:
-                self._hand_out(queue, inflight)
+            if assignment:
+                self._hand_out(assignment, inflight, kv_blocks)
             if not inflight:
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_S)
@@ -109,7 +113,7 @@ class RayExecutor:
                     self.progress.unit_done(stats)
                     calls.on_commit(stats.counts, 0)  # on_done counted the unit
                 elif not stopping and worker.alive is False:
-                    self._retry(worker, unit, attempts, queue)
+                    self._retry(worker, unit, attempts, assignment)
         if stopping:
             raise Interrupted
 
@@ -144,8 +148,8 @@ class RayExecutor:
                 raise cause from None
             raise RuntimeError(f"worker {worker.name} failed on unit {unit.unit_id}: {_first_line(e)}") from e
 
-    def _retry(self, worker: _Worker, unit: WorkUnit, attempts: Counter[str], queue: deque) -> None:
-        """Hand a dead worker's unit to the others, less the rows it committed before it died."""
+    def _retry(self, worker: _Worker, unit: WorkUnit, attempts: Counter[str], assignment: Assignment) -> None:
+        """Hand a dead worker's unit and queue to the others, less the rows it committed before it died."""
         attempts[unit.unit_id] += 1
         if attempts[unit.unit_id] >= MAX_UNIT_ATTEMPTS:
             raise JobError(
@@ -156,10 +160,13 @@ class RayExecutor:
         self.retries += 1
         left = 0 if rest is None else len(rest)
         self.metrics.append("retry", unit=unit.unit_id, worker=worker.name, rows_left=left)
+        assignment.retire(worker.name)
         if rest is not None:
-            queue.appendleft(rest)
+            assignment.give_back(rest)
 
-    def _hand_out(self, queue: deque, inflight: dict) -> None:
+    def _hand_out(self, assignment: Assignment, inflight: dict, kv_blocks: int) -> None:
+        for dead in (w for w in self._pool if not w.alive):
+            assignment.retire(dead.name)
         live = self._live()
         if not live:
             if self._restarts >= MAX_RESTARTS:
@@ -171,13 +178,12 @@ class RayExecutor:
             log.warning("every worker died; starting %d new ones", self.workers)
             self._start(first=False)
             live = self._pool
-        while queue:
-            worker = min(live, key=lambda w: w.inflight)
-            if worker.inflight >= IN_FLIGHT:
-                return
-            unit = queue.popleft()
-            inflight[worker.actor.run.remote(unit)] = (worker, unit)
-            worker.inflight += 1
+        for worker in live:
+            handout = assignment.next_for(worker.name) if worker.inflight < IN_FLIGHT else None
+            if handout is not None:
+                ref = worker.actor.run.remote(handout.unit, handout.keep, kv_blocks)
+                inflight[ref] = (worker, handout.unit)
+                worker.inflight += 1
 
     def _live(self) -> list[_Worker]:
         return [w for w in self._pool if w.alive]

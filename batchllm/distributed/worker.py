@@ -38,13 +38,14 @@ class EngineWorker:
         """This worker's process, recorded by the driver so that it never outlives a killed driver."""
         return os.getpid()
 
-    def run(self, unit: WorkUnit) -> UnitStats:
+    def run(self, unit: WorkUnit, keep: frozenset[int] = frozenset(), kv_blocks: int = 0) -> UnitStats:
+        """Run ``unit``, keeping the prefixes in ``keep`` for later units (see ``UnitWorker.run``)."""
         with self._lock:
             if self._stop.is_set():
                 raise Interrupted
             fence = self._fence
             stop = UnitCalls(lambda: self._stop.is_set() or fence.lost(), may_commit=fence.holds)
-            return self.worker.run(unit, stop)
+            return self.worker.run(unit, stop, keep, kv_blocks)
 
     def stop(self) -> None:
         """Finish the current step, commit, and refuse further units."""

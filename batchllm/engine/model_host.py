@@ -47,6 +47,11 @@ class ModelHost:
     def dtype_name(self) -> str:
         return str(self.place.dtype).removeprefix("torch.")
 
+    def pool_blocks(self, blocks_needed: int) -> int:
+        """Blocks a pool for ``blocks_needed`` gets: that many, unless the memory setting allows fewer."""
+        bytes_per_block = kv_bytes_per_block(self.mcfg, self.cfg.block_size, self.place.dtype)
+        return kv_pool_blocks(self.cfg, self.place.device, bytes_per_block, blocks_needed)
+
     def engine(self, blocks_needed: int, blocks_least: int) -> Engine:
         """An engine for one piece of work over the host's one KV cache, refused below ``blocks_least``
         (the longest row with its prefixes). ``blocks_needed`` is all the work at once."""

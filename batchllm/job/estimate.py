@@ -1,4 +1,8 @@
-"""``batchllm plan``: what a job will cost, from the tokenizer and config alone (no weights)."""
+"""``batchllm plan``: what a job will cost, from the tokenizer and config alone (no weights).
+
+With ``workers > 1`` it also cuts each window into work units and runs the Ray driver's assignment
+(``job.assignment.simulate``, equally fast workers): prefill tokens computed and prefix copies per worker.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import numpy as np
 from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
-from batchllm.job.windows import read_windows
+from batchllm.job.assignment import simulate
+from batchllm.job.units import PlannedRows, split_plan
+from batchllm.job.windows import Window, read_windows, row_keys
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import Plan, PlanStats, make_plan
@@ -26,10 +32,13 @@ def plan_job(job: JobSpec) -> dict:
     )
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     share = job.engine.prefix_sharing
+    per_worker: dict[str, dict[str, int]] = {}
     for window in windows:
         prompts = [window.token_ids[i] for i in window.runnable()]
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
         stats.append(plan.stats)
+        if (job.workers or 1) > 1:
+            _add_workers(per_worker, _worker_estimate(job, window, plan))
         failed += window.num_failed
         flops_shared += _planned_flops(plan, mcfg)
         flops_plain += sum(_segment_flops(mcfg, 0, len(p)) for p in prompts)
@@ -42,6 +51,35 @@ def plan_job(job: JobSpec) -> dict:
         "prefill_flops_with_sharing": flops_shared,
         "prefill_flops_without_sharing": flops_plain,
         "model": job.model,
+        **_workers_figures(per_worker),
+    }
+
+
+def _worker_estimate(job: JobSpec, window: Window, plan: Plan) -> dict[str, dict[str, int]]:
+    """The window cut into units as ``batchllm run --workers N`` cuts it, and assigned as its driver would."""
+    runnable = window.runnable()
+    prompts = [window.token_ids[i] for i in runnable]
+    keys = row_keys(job.sampling.seed, window.ids, runnable)
+    planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
+    return simulate(split_plan(plan, planned, job.workers), job.workers)
+
+
+def _add_workers(total: dict[str, dict[str, int]], window: dict[str, dict[str, int]]) -> None:
+    for name, figures in window.items():
+        mine = total.setdefault(name, dict.fromkeys(figures, 0))
+        for key, value in figures.items():
+            mine[key] += value
+
+
+def _workers_figures(per_worker: dict[str, dict[str, int]]) -> dict:
+    """The per-worker estimate and its sums; nothing for one worker."""
+    if not per_worker:
+        return {}
+    return {
+        "workers": len(per_worker),
+        "prefill_tokens_with_workers": sum(w["prefill_tokens"] for w in per_worker.values()),
+        "prefix_copy_tokens": sum(w["prefix_copy_tokens"] for w in per_worker.values()),
+        "per_worker": per_worker,
     }
 
 

@@ -101,18 +101,20 @@ def _attempts(records: list[dict]) -> list[dict]:
 
 
 def _workers(records: list[dict]) -> dict[str, dict]:
-    """Per worker name, over every attempt: finished units' rows and output tokens, and its output tokens
-    per second of its own unit time (a unit cut short by a crash or a dead worker is not counted)."""
+    """Per worker name, over every attempt: finished units' rows, output tokens, prefill tokens computed
+    and how many of those were copies of a prefix another unit had prefilled, and its output tokens per
+    second of its own unit time (a unit cut short by a crash or a dead worker is not counted)."""
     workers: dict[str, dict] = {}
+    keys = ("units", "rows", "output_tokens", "prefill_tokens", "prefix_copy_tokens", "busy_seconds")
     for rec in records:
         if rec["kind"] != "unit":
             continue
-        w = workers.setdefault(
-            rec["worker"], {"units": 0, "rows": 0, "output_tokens": 0, "busy_seconds": 0.0}
-        )
+        w = workers.setdefault(rec["worker"], dict.fromkeys(keys, 0))
         w["units"] += 1
         w["rows"] += rec["rows"]
         w["output_tokens"] += rec["output_tokens"]
+        w["prefill_tokens"] += rec["prefill_tokens_computed"]
+        w["prefix_copy_tokens"] += rec.get("prefix_copy_tokens", 0)
         w["busy_seconds"] += rec["seconds"]
     for w in workers.values():
         w["output_tokens_per_second"] = _rate(w["output_tokens"], w["busy_seconds"])
@@ -164,17 +166,23 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
     ]
     if report.get("metrics_lines_skipped"):
         rows.append(("metrics lines skipped (unreadable)", f"{report['metrics_lines_skipped']:,}"))
-    workers = report.get("workers", {})
-    if len(workers) > 1 or report.get("worker_retries"):
-        rows.append(("worker retries", f"{report['worker_retries']:,}"))
-        rows += [
-            (f"worker {name}", f"{w['rows']:,} rows  {w['output_tokens']:,} out tokens  {tps:,.0f} tok/s")
-            for name, w in workers.items()
-            for tps in [w["output_tokens_per_second"]]
-        ]
-    for name, value in rows:
+    for name, value in rows + _worker_rows(report):
         table.add_row(name, value)
     console.print(table)
+
+
+def _worker_rows(report: dict) -> list[tuple[str, str]]:
+    workers = report.get("workers", {})
+    if len(workers) <= 1 and not report.get("worker_retries"):
+        return []
+    return [("worker retries", f"{report['worker_retries']:,}")] + [
+        (
+            f"worker {name}",
+            f"{w['rows']:,} rows  {w['output_tokens']:,} out tokens  {w['output_tokens_per_second']:,.0f} "
+            f"tok/s  {w['prefill_tokens']:,} prefill ({w['prefix_copy_tokens']:,} prefix copies)",
+        )
+        for name, w in workers.items()
+    ]
 
 
 def plot(run_dir: Path, path: Path) -> None:

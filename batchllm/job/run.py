@@ -44,6 +44,9 @@ from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats, make_plan
 from batchllm.prefix_tree.seqs import TokenSeqs
 
+# Per worker: prefix copies are prefill of a prefix that another unit of the window prefilled already.
+WORKER_KEYS = ("rows", "output_tokens", "seconds", "units", "prefill_tokens", "prefix_copy_tokens")
+
 
 @dataclass
 class RunOutcome:
@@ -64,7 +67,7 @@ class RunOutcome:
     resumed: bool = False
     workers: int = 1
     worker_retries: int = 0  # units run again because their worker died
-    per_worker: dict[str, dict] = field(default_factory=dict)  # name -> rows, output_tokens, seconds, units
+    per_worker: dict[str, dict] = field(default_factory=dict)  # name -> WORKER_KEYS
 
     @property
     def plan(self) -> PlanStats:
@@ -215,6 +218,7 @@ class Job:
         keys = row_keys(job.sampling.seed, window.ids, runnable)
         planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
+        self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
         calls = UnitCalls(should_stop=lambda: self.stop.requested, on_commit=self._committed)
         started = time.perf_counter()
@@ -233,16 +237,19 @@ class Job:
         out.preemptions += stats.preemptions
         out.peak_kv_blocks = max(out.peak_kv_blocks, stats.peak_kv_blocks)
         out.kv_blocks = max(out.kv_blocks, stats.kv_blocks)
-        mine = out.per_worker.setdefault(
-            stats.worker, {"rows": 0, "output_tokens": 0, "seconds": 0.0, "units": 0}
-        )
+        mine = out.per_worker.setdefault(stats.worker, dict.fromkeys(WORKER_KEYS, 0))
+        copies = sum(tokens for key, tokens in stats.prefixes if key in self.prefixes_done)
+        self.prefixes_done.update(key for key, _ in stats.prefixes)
         mine["rows"] += stats.counts.rows
         mine["output_tokens"] += stats.counts.output_tokens
         mine["seconds"] += stats.seconds
         mine["units"] += 1
+        mine["prefill_tokens"] += stats.engine.prefill_tokens
+        mine["prefix_copy_tokens"] += copies
         self.metrics.append(
             "unit", unit=stats.unit_id, worker=stats.worker, **stats.counts.as_dict(),
-            prefill_tokens_computed=stats.engine.prefill_tokens, seconds=stats.seconds,
+            prefill_tokens_computed=stats.engine.prefill_tokens, prefix_copy_tokens=copies,
+            seconds=stats.seconds,
         )  # fmt: skip
 
     def _committed(self, counts: RowCounts, unit_prefill: int = 0) -> None:

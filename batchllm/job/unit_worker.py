@@ -7,22 +7,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.config import JobSpec
-from batchllm.engine.loop import EngineStats
+from batchllm.engine.loop import Engine, EngineStats
 from batchllm.engine.model_host import ModelHost
 from batchllm.io.faults import crash_point
 from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
+from batchllm.job.live_prefixes import LivePrefixes
 from batchllm.job.results import UnitResults
 from batchllm.job.units import WorkUnit, unit_sequences
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.scheduler.seq import Seq
+from batchllm.scheduler.seq import Seq, SeqKind
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,17 @@ class UnitStats:
     peak_kv_blocks: int
     kv_blocks: int  # the worker's KV pool size
     seconds: float  # wall time of the unit on its worker
+    prefixes: tuple[tuple[int, int], ...] = ()  # (key, own tokens) of each prefix this unit prefilled
 
 
 class UnitWorker:
+    """Runs units one after another on one engine that outlives them: prefixes a later unit needs
+    (``keep``) stay prefilled in its KV pool between units (see ``LivePrefixes``)."""
+
     def __init__(self, job: JobSpec, run_dir: RunDir, name: str, host: ModelHost) -> None:
         self.job, self.run_dir, self.name, self.host = job, run_dir, name, host
+        self.live = LivePrefixes()
+        self._engine: Engine | None = None
 
     @classmethod
     def open(
@@ -67,26 +74,48 @@ class UnitWorker:
             job, run_dir, name, ModelHost(model_path, mcfg, tokenizer, job.engine, job.sampling, loader)
         )
 
-    def run(self, unit: WorkUnit, calls: UnitCalls) -> UnitStats:
-        """Generate every row of ``unit``; finished rows are committed even when this raises."""
-        t0, job = time.perf_counter(), self.job
-        engine = self.host.engine(*unit.kv_blocks(job.engine.block_size, job.sampling.max_new_tokens))
+    def run(
+        self, unit: WorkUnit, calls: UnitCalls, keep: Collection[int] = (), kv_blocks: int = 0
+    ) -> UnitStats:
+        """Generate every row of ``unit``; finished rows are committed even when this raises. Prefixes
+        whose key is in ``keep`` stay prefilled for later units; ``kv_blocks`` sizes the pool for the
+        largest unit still to come, so that keeping them never needs a new pool."""
+        t0 = time.perf_counter()
+        engine = self._engine_for(unit, kv_blocks)
+        engine.stats = EngineStats()
+        preemptions = engine.scheduler.num_preemptions
+        seqs = list(unit_sequences(unit, self.live.seqs))
+        self.live.update(unit, seqs, keep, engine.scheduler)
         results = UnitResults(
-            unit.rows, self.run_dir, job.checkpoint_rows, job.checkpoint_seconds,
+            unit.rows, self.run_dir, self.job.checkpoint_rows, self.job.checkpoint_seconds,
             lambda counts: calls.on_commit(counts, engine.stats.prefill_tokens), calls.may_commit,
         )  # fmt: skip
-        on_finish = self._finisher(unit, results, calls)
         try:
-            stats = engine.run(unit_sequences(unit), on_finish, calls.should_stop)
+            stats = engine.run(seqs, self._finisher(unit, results, calls), calls.should_stop)
+        except BaseException:
+            self._engine = None  # rows left mid-flight: the next unit starts on a fresh engine
+            self.live.clear()
+            raise
         finally:
             results.commit()
-        pool = engine.scheduler.pool
-        if pool.num_used:
-            raise RuntimeError(f"KV pool holds {pool.num_used} blocks after unit {unit.unit_id} finished")
+        self.live.check_invariants(engine.scheduler)
         return UnitStats(
-            unit.unit_id, self.name, results.committed, stats, engine.scheduler.num_preemptions,
-            pool.peak_used, self.host.kv_blocks, time.perf_counter() - t0,
+            unit.unit_id, self.name, results.committed, stats, engine.scheduler.num_preemptions - preemptions,
+            engine.scheduler.pool.peak_used, self.host.kv_blocks, time.perf_counter() - t0,
+            _prefilled_prefixes(unit, seqs),
         )  # fmt: skip
+
+    def _engine_for(self, unit: WorkUnit, kv_blocks: int) -> Engine:
+        """The worker's engine, unless its pool is smaller than this unit should get (then a new one,
+        and the held prefixes are given up)."""
+        needed, least = unit.kv_blocks(self.job.engine.block_size, self.job.sampling.max_new_tokens)
+        needed = max(needed, kv_blocks)
+        engine = self._engine
+        if engine is None or engine.scheduler.pool.num_blocks < max(self.host.pool_blocks(needed), least):
+            self._engine = None
+            self.live.clear()
+            engine = self._engine = self.host.engine(needed, least)
+        return engine
 
     def _finisher(self, unit: WorkUnit, results: UnitResults, calls: UnitCalls) -> Callable[[Seq], None]:
         """What happens when a row finishes: its text (and its duplicates') recorded, maybe committed."""
@@ -103,3 +132,12 @@ class UnitWorker:
             crash_point("row")
 
         return on_finish
+
+
+def _prefilled_prefixes(unit: WorkUnit, seqs: list[Seq]) -> tuple[tuple[int, int], ...]:
+    """(key, own tokens) of the prefixes ``seqs`` prefilled (the unit's prefixes not found live)."""
+    return tuple(
+        (unit.node_keys[s.index], s.prompt_len - (s.parent.prompt_len if s.parent is not None else 0))
+        for s in seqs
+        if s.kind is SeqKind.PREFIX
+    )

@@ -4,17 +4,19 @@ A unit is a contiguous run of the plan's row order (its representative rows, wit
 plus every chosen prefix on their paths from the root. The cut works top-down: the root is cut into
 its child groups and batches of the rows attached to it, packed in plan order into pieces of at most
 ``target`` work (~1/(4 * workers) of the window). A group holding at most ``2 * target`` stays whole,
-in one piece. A bigger one is cut the same way one level down; that repeats the group's prefix in
-every piece (each prefills it once), so its pieces are made big enough that the repeated prefill
-stays under ``MAX_REPEAT`` of the group's work. So with one system prompt shared by every row, the
-groups beneath it, a few to a unit, become the units.
+in one piece. A bigger one is cut the same way one level down, and every piece carries the group's
+prefix. A worker keeps a prefix between consecutive units that need it (``job.live_prefixes``) and the
+units of a window are assigned in runs of this order (``job.assignment``), so the prefix is prefilled
+once per worker that runs pieces of it, not once per piece. So with one system prompt shared by every
+row, the groups beneath it, a few to a unit, become the units.
 
 Predicted work = planned prefill tokens (repeated prefixes included) + representatives * max_new_tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,7 +28,6 @@ from batchllm.scheduler.block_pool import blocks_for
 from batchllm.scheduler.seq import Seq
 
 UNITS_PER_WORKER = 4  # enough pieces that handing out the biggest first balances the workers
-MAX_REPEAT = 0.25  # most repeated prefix tokens a cut may add, as a fraction of the group's work
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +43,7 @@ class WorkUnit:
     row_node: np.ndarray  # int64 [rows]: the deepest shared prefix each row starts from (0: none)
     node_parent: np.ndarray  # int64 [nodes]: -1 at the root (node 0); parents come first
     node_tokens: list[np.ndarray]  # [nodes] each prefix's tokens, from the start of the prompt
+    node_keys: tuple[int, ...]  # [nodes] each prefix's content key (see prefix_key), the same on any unit
     work: int  # predicted, see the module docstring
 
     def __len__(self) -> int:
@@ -61,6 +63,17 @@ class WorkUnit:
         needed = sum(rows) + 2 * self.num_groups + 1
         least = max(rows, default=0) + self.depth + 1
         return needed, least
+
+    def prefix_edges(self) -> dict[int, int]:
+        """Prefix key -> the tokens that prefix computes itself (beyond its parent), root excluded."""
+        lengths = [len(t) for t in self.node_tokens]
+        parents = self.node_parent.tolist()
+        return {self.node_keys[v]: lengths[v] - lengths[p] for v, p in enumerate(parents) if p >= 0}
+
+    def row_prefill(self) -> int:
+        """Tokens the representative rows compute beyond their prefixes."""
+        starts = [len(t) for t in self.node_tokens]
+        return sum(len(self.token_ids[r]) - starts[self.row_node[r]] for r in self.order.tolist())
 
     def duplicates(self) -> dict[int, list[int]]:
         """Representative -> the rows that copy its output."""
@@ -98,10 +111,24 @@ class WorkUnit:
         )
 
 
-def unit_sequences(unit: WorkUnit) -> Iterator[Seq]:
+def largest_kv_blocks(units: list[WorkUnit], block_size: int, max_new_tokens: int) -> int:
+    """KV blocks the largest unit needs all at once: a worker's pool that size keeps its prefixes
+    for later units without ever being replaced by a larger one."""
+    return max((u.kv_blocks(block_size, max_new_tokens)[0] for u in units), default=0)
+
+
+def prefix_key(tokens: np.ndarray) -> int:
+    """A prefix's content key: equal token ids give equal keys in every process (unlike ``hash``)."""
+    data = np.ascontiguousarray(tokens, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Iterator[Seq]:
     """Engine work in execution order: each shared prefix just before the first row beneath it.
 
-    A row's ``index`` is its unit-local row, a prefix's its unit node id."""
+    A row's ``index`` is its unit-local row, a prefix's its unit node id. A prefix found in ``live``
+    (by key: prefilled by an earlier unit and kept, under the same parent) is not yielded again: the
+    unit's rows beneath it are added to its pending rows and borrow its KV."""
     direct = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
     pending = subtree_reduce(unit.node_parent, direct)
     nodes: dict[int, Seq] = {}
@@ -111,9 +138,13 @@ def unit_sequences(unit: WorkUnit) -> Iterator[Seq]:
             return
         parent = int(unit.node_parent[node_id])
         yield from node_seq(parent)
-        seq = Seq.prefix(
-            node_id, unit.node_tokens[node_id].tolist(), nodes.get(parent), int(pending[node_id])
-        )
+        tokens = unit.node_tokens[node_id].tolist()
+        kept = live.get(unit.node_keys[node_id]) if live else None
+        if kept is not None and kept.parent is nodes.get(parent) and kept.token_ids == tokens:
+            kept.pending_rows += int(pending[node_id])
+            nodes[node_id] = kept
+            return
+        seq = Seq.prefix(node_id, tokens, nodes.get(parent), int(pending[node_id]))
         nodes[node_id] = seq
         yield seq
 
@@ -181,13 +212,7 @@ class _Cut:
         items.sort()
         if v == 0:
             return _pack(items, self.target)
-        # Every piece prefills v's prefix again: pieces grow until that repeat is small enough.
-        most = 1 + int(MAX_REPEAT * (lv + self.below[v]) // lv)
-        budget = max(1, self.target - lv)
-        packed = _pack(items, budget)
-        while len(packed) > most:
-            budget = budget * 5 // 4 + 1
-            packed = _pack(items, budget)
+        packed = _pack(items, self.target)  # every piece carries v's prefix, prefilled once per worker
         return packed if len(packed) > 1 else whole
 
 
@@ -213,6 +238,7 @@ def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) 
     parents = plan.node_parent[nodes]
     lengths = plan.node_length[nodes]
     src = plan.node_source_row[nodes]
+    node_tokens = [planned.token_ids[s][:n] for s, n in zip(src.tolist(), lengths.tolist())]
     work = int((lengths - np.where(parents >= 0, plan.node_length[np.maximum(parents, 0)], 0)).sum())
     row_node = plan.row_node[members]
     work += int((plan.seqs.lengths[reps] - plan.node_length[plan.row_node[reps]]).sum())
@@ -225,7 +251,8 @@ def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) 
         order=np.arange(reps.size, dtype=np.int64),
         row_node=np.searchsorted(nodes, row_node),
         node_parent=np.where(parents >= 0, np.searchsorted(nodes, np.maximum(parents, 0)), -1),
-        node_tokens=[planned.token_ids[s][:n] for s, n in zip(src.tolist(), lengths.tolist())],
+        node_tokens=node_tokens,
+        node_keys=tuple(prefix_key(t) for t in node_tokens),
         work=work + reps.size * planned.max_new_tokens,
     )
 

@@ -117,11 +117,16 @@ class Scheduler:
         self._release(seq)
         node = seq.parent
         while node is not None:
-            node.pending_rows -= 1
-            if node.pending_rows == 0:
-                self.live_prefixes.discard(node)
-                self._release(node)
+            self.release_prefix(node)
             node = node.parent
+
+    def release_prefix(self, prefix: Seq) -> None:
+        """One holder of ``prefix`` fewer (a row beneath it finished, or a worker that kept it for its
+        later units no longer needs it); its blocks are freed when no holder is left."""
+        prefix.pending_rows -= 1
+        if prefix.pending_rows == 0:
+            self.live_prefixes.discard(prefix)
+            self._release(prefix)
 
     # -- internals -------------------------------------------------------------------------
 
