@@ -8,7 +8,7 @@ import torch
 from batchllm.config import SamplingParams
 from batchllm.engine.sampling import sample
 from batchllm.kernels.backend import AttentionBackend, KVCache
-from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
+from batchllm.kernels.metadata import AttentionMetadata, build_metadata
 from batchllm.scheduler.block_pool import blocks_for
 from batchllm.scheduler.scheduler import Chunk, Step
 
@@ -58,7 +58,8 @@ class ModelRunner:
     def _prepare(self, chunks: tuple[Chunk, ...]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         ids, positions, slots = [], [], []
-        query_lens, seq_lens = [], []
+        query_lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=len(chunks))
+        seq_lens = np.fromiter((c.end for c in chunks), dtype=np.int64, count=len(chunks))
         max_blocks = max(blocks_for(c.end, bs) for c in chunks)
         tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
         for i, c in enumerate(chunks):
@@ -68,27 +69,16 @@ class ModelRunner:
             ids.append(c.seq.token_ids[c.start : c.end])
             positions.append(pos)
             slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-            query_lens.append(c.num_tokens)
-            seq_lens.append(c.end)
-        qsl = np.zeros(len(chunks) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        to_dev = self._to_device
-        meta = AttentionMetadata(
-            query_start_loc=to_dev(qsl),
-            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=to_dev(tables),
-            slot_mapping=to_dev(np.concatenate(slots)),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=tuple(query_lens),
-            seq_lens_cpu=tuple(seq_lens),
-            decode_groups=self._decode_groups(chunks) if max(query_lens) == 1 else None,
-        )
+        meta = build_metadata(
+            query_lens, seq_lens, tables, np.concatenate(slots), self._groups(chunks), bs, self._to_device,
+            chunk_plan=self.backend.wants_chunk_plan,
+        )  # fmt: skip
         flat_ids = np.fromiter((t for seq_ids in ids for t in seq_ids), dtype=np.int64)
-        return to_dev(flat_ids), to_dev(np.concatenate(positions)), meta
+        return self._to_device(flat_ids), self._to_device(np.concatenate(positions)), meta
 
-    def _decode_groups(self, chunks: tuple[Chunk, ...]) -> DecodeGroups:
-        """Consecutive rows under the same prefix form a group that shares its borrowed blocks."""
+    def _groups(self, chunks: tuple[Chunk, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Consecutive rows under the same prefix form a group that shares its borrowed blocks:
+        (group starts over the step's sequences, shared blocks of each group)."""
         starts, shared = [0], []
         for i, c in enumerate(chunks):
             if i and c.seq.parent is not None and c.seq.parent is chunks[i - 1].seq.parent:
@@ -97,14 +87,7 @@ class ModelRunner:
                 starts.append(i)
             shared.append(c.seq.num_borrowed_blocks)
         starts.append(len(chunks))
-        sizes = np.diff(starts)
-        return DecodeGroups(
-            group_start_loc=self._to_device(np.asarray(starts, dtype=np.int32)),
-            shared_blocks=self._to_device(np.asarray(shared, dtype=np.int32)),
-            max_group_size=int(sizes.max()),
-            group_start_cpu=tuple(starts),
-            shared_blocks_cpu=tuple(shared),
-        )
+        return np.asarray(starts, dtype=np.int64), np.asarray(shared, dtype=np.int64)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
