@@ -85,3 +85,60 @@ def test_a_rows_bits_do_not_depend_on_its_step(dtype):
         q[at] = q_row[0]
         got = chunked_attention(q, *cache, meta.chunk_plan, 0.25)
         assert torch.equal(got[at], alone[0])
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_models, make_rows) -> dict:
+    """200 rows (nested shared prefixes, 10 duplicates), bf16, and their uninterrupted outputs."""
+    root = tmp_path_factory.mktemp("invariance")
+    texts = make_rows(num_groups=10, rows_per_group=19, duplicates=10, seed=5)
+    pq.write_table(pa.table({"text": texts}), root / "in.parquet")
+    spec = {"root": root, "model": tiny_models["qwen2"]}
+    assert _cli(spec, "reference") == 0
+    spec["expected"] = _outputs(root / "reference.parquet")
+    return spec
+
+
+def _outputs(path: Path) -> pa.Table:
+    """What a row's numerics decide (``cached_tokens`` rightly changes with prefix sharing)."""
+    return pq.read_table(path, columns=["id", "output", "output_tokens", "finish_reason", "error"])
+
+
+def _args(spec: dict, name: str, *extra: str) -> list[str]:
+    root = spec["root"]
+    return [
+        "run", str(root / "in.parquet"), "--model", str(spec["model"]),
+        "--output", str(root / f"{name}.parquet"), "--dtype", "bfloat16", "--device", "cpu",
+        "--max-new-tokens", "4", "--quiet", "--checkpoint-rows", "20", *extra,
+    ]  # fmt: skip
+
+
+def _cli(spec: dict, name: str, *extra: str) -> int:
+    return CliRunner().invoke(app, _args(spec, name, *extra)).exit_code
+
+
+@pytest.mark.parametrize(
+    "extra", [("--token-budget", "96"), ("--no-prefix-sharing",), ("--window", "50")], ids=lambda e: e[0]
+)
+def test_bf16_outputs_do_not_depend_on_batching(job, extra):
+    name = extra[0].strip("-")
+    assert _cli(job, name, *extra) == 0
+    assert _outputs(job["root"] / f"{name}.parquet").equals(job["expected"])
+
+
+def test_bf16_crash_and_resume_gives_the_uninterrupted_output(job):
+    env = {**os.environ, "BATCHLLM_CRASH_AT": "row:70", "PYTHONPATH": str(Path.cwd())}
+    cmd = [sys.executable, "-m", "batchllm", *_args(job, "crashed", "--token-budget", "300")]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _cli(job, "crashed") == 0
+    assert _outputs(job["root"] / "crashed.parquet").equals(job["expected"])
+
+
+@pytest.mark.parametrize(
+    "extra, changed", [(("--dtype", "float32"), "dtype"), (("--no-deterministic",), "deterministic")]
+)
+def test_a_resume_that_changes_the_numerics_is_refused(job, extra, changed):
+    result = CliRunner().invoke(app, _args(job, "reference", *extra))
+    assert result.exit_code == 2
+    assert f"{changed} changed from" in result.output
