@@ -150,7 +150,7 @@ def _observed(owner: object, name: str, sink: Callable[[object, Clock], None]) -
 
 
 def run_batchllm(
-    model_dir: Path, work: Workload, workdir: Path, sharing: bool, tag: str, deterministic: bool = True
+    model_dir: Path, work: Workload, workdir: Path, sharing: bool, tag: str, deterministic: bool = False
 ) -> Run:
     src = workdir / f"{tag}.parquet"
     pq.write_table(pa.table({"id": pa.array(range(len(work.texts))), "text": work.texts}), src)
@@ -304,9 +304,9 @@ def main() -> None:
         systems: dict[str, Callable[[Workload, str], Run]] = {
             "batchllm": lambda w, t: run_batchllm(model_dir, w, workdir, True, t),
             "batchllm --no-prefix-sharing": lambda w, t: run_batchllm(model_dir, w, workdir, False, t),
-            "batchllm --no-deterministic": lambda w, t: run_batchllm(model_dir, w, workdir, True, t, False),
-            "batchllm --no-deterministic --no-prefix-sharing": lambda w, t: run_batchllm(
-                model_dir, w, workdir, False, t, False
+            "batchllm --deterministic": lambda w, t: run_batchllm(model_dir, w, workdir, True, t, True),
+            "batchllm --deterministic --no-prefix-sharing": lambda w, t: run_batchllm(
+                model_dir, w, workdir, False, t, True
             ),
         }
         if not args.skip_hf:

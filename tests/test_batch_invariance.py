@@ -109,7 +109,7 @@ def _args(spec: dict, name: str, *extra: str) -> list[str]:
     return [
         "run", str(root / "in.parquet"), "--model", str(spec["model"]),
         "--output", str(root / f"{name}.parquet"), "--dtype", "bfloat16", "--device", "cpu",
-        "--max-new-tokens", "4", "--quiet", "--checkpoint-rows", "20", *extra,
+        "--max-new-tokens", "4", "--quiet", "--checkpoint-rows", "20", "--deterministic", *extra,
     ]  # fmt: skip
 
 
