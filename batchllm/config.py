@@ -48,6 +48,7 @@ class EngineConfig:
     kv_cache_memory: str | None = None  # "4GB", "0.9" (fraction of free GPU memory), None: default
     attention_backend: str = "auto"  # auto | torch | triton
     prefix_sharing: bool = True
+    deterministic: bool = False  # batch-invariant attention (torch backend): see kernels/torch_chunked.py
     load_format: str = "auto"  # auto | dummy
 
     def __post_init__(self) -> None:

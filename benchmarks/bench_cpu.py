@@ -149,7 +149,9 @@ def _observed(owner: object, name: str, sink: Callable[[object, Clock], None]) -
         setattr(owner, name, original)
 
 
-def run_batchllm(model_dir: Path, work: Workload, workdir: Path, sharing: bool, tag: str) -> Run:
+def run_batchllm(
+    model_dir: Path, work: Workload, workdir: Path, sharing: bool, tag: str, deterministic: bool = False
+) -> Run:
     src = workdir / f"{tag}.parquet"
     pq.write_table(pa.table({"id": pa.array(range(len(work.texts))), "text": work.texts}), src)
     job = JobSpec(
@@ -159,7 +161,9 @@ def run_batchllm(model_dir: Path, work: Workload, workdir: Path, sharing: bool, 
         id_column="id",
         prefix=work.prefix,
         sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-        engine=EngineConfig(device="cpu", dtype="float32", prefix_sharing=sharing),
+        engine=EngineConfig(
+            device="cpu", dtype="float32", prefix_sharing=sharing, deterministic=deterministic
+        ),
         progress=False,
     )
     load: list[Clock] = []
@@ -285,6 +289,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="cProfile one more batchllm run")
+    parser.add_argument("--skip-hf", action="store_true", help="time batchllm's settings only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,9 +304,16 @@ def main() -> None:
         systems: dict[str, Callable[[Workload, str], Run]] = {
             "batchllm": lambda w, t: run_batchllm(model_dir, w, workdir, True, t),
             "batchllm --no-prefix-sharing": lambda w, t: run_batchllm(model_dir, w, workdir, False, t),
-            f"transformers generate() static {HF_STATIC_BATCH}": lambda w, t: run_hf_generate(model, tok, w),
-            "transformers generate_batch()": lambda w, t: run_hf_generate_batch(model, tok, w),
+            "batchllm --deterministic": lambda w, t: run_batchllm(model_dir, w, workdir, True, t, True),
+            "batchllm --deterministic --no-prefix-sharing": lambda w, t: run_batchllm(
+                model_dir, w, workdir, False, t, True
+            ),
         }
+        if not args.skip_hf:
+            systems[f"transformers generate() static {HF_STATIC_BATCH}"] = lambda w, t: run_hf_generate(
+                model, tok, w
+            )
+            systems["transformers generate_batch()"] = lambda w, t: run_hf_generate_batch(model, tok, w)
         runs = measure(systems, work, args.repeats)
         report(runs, work, tok, model.num_parameters(), args)
         if args.profile:

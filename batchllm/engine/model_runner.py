@@ -15,6 +15,7 @@ from batchllm.engine.sampling import sample
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.kernels.backend import AttentionBackend, KVCache
+from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
 from batchllm.scheduler.step import Step
 
@@ -78,7 +79,16 @@ class ModelRunner:
             query_lens_cpu=tuple(q_cpu),
             seq_lens_cpu=tuple(lens_cpu),
             decode_groups=groups,
+            chunk_plan=self._chunk_plan(step, inputs) if self.backend.wants_chunk_plan else None,
         )
+
+    def _chunk_plan(self, step: Step, inputs):
+        """The batch-invariant torch path's plan (``--deterministic``): every step, groups included."""
+        starts = np.append(step.group_starts, len(step.query_lens)).astype(np.int64)
+        return build_chunk_plan(
+            step.query_lens, inputs.seq_lens, inputs.block_tables, starts, step.shared_blocks.astype(np.int64),
+            self.block_size, lambda a: torch.from_numpy(a).to(self.device),
+        )  # fmt: skip
 
     def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
         """Give sequences their private copy of a shared prefix's last, partial block."""

@@ -36,11 +36,28 @@ def resolve_placement(cfg: EngineConfig) -> Placement:
     return Placement(device, dtype)
 
 
+def backend_name(cfg: EngineConfig, device: torch.device) -> str:
+    """auto: Triton on CUDA, torch elsewhere."""
+    if cfg.attention_backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return cfg.attention_backend
+
+
+def resolved_settings(cfg: EngineConfig) -> dict:
+    """What ``auto`` becomes here: the device, dtype and attention backend a run gets, and whether
+    its attention is batch-invariant. All of them change a row's bits."""
+    place = resolve_placement(cfg)
+    return {
+        "device": place.device.type,
+        "dtype": str(place.dtype).removeprefix("torch."),
+        "attention_backend": backend_name(cfg, place.device),
+        "deterministic": cfg.deterministic,
+    }
+
+
 def make_backend(cfg: EngineConfig, device: torch.device) -> AttentionBackend:
-    """auto: Triton on CUDA, torch elsewhere. Triton on CPU needs TRITON_INTERPRET=1."""
-    name = cfg.attention_backend
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+    """Triton on CPU needs TRITON_INTERPRET=1."""
+    name = backend_name(cfg, device)
     if name == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise JobError("--attention-backend triton on CPU needs TRITON_INTERPRET=1 in the environment")
@@ -49,7 +66,7 @@ def make_backend(cfg: EngineConfig, device: torch.device) -> AttentionBackend:
         return TritonAttention()
     from batchllm.kernels.torch_backend import TorchAttention
 
-    return TorchAttention()
+    return TorchAttention(deterministic=cfg.deterministic)
 
 
 def kv_pool_blocks(

@@ -50,7 +50,7 @@ def step_inputs(step: Step, block_size: int) -> StepInputs:
     slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     ends = qsl[1:].astype(np.int64) - 1
     groups = shared = None
-    if step.group_starts is not None:
+    if total == n:  # decode groups: the kernels' cascade path runs in one-token steps
         groups = np.append(step.group_starts, np.int32(n)).astype(np.int32)
         shared = step.shared_blocks.astype(np.int32)
     return StepInputs(

@@ -50,12 +50,15 @@ def weights_fingerprint(model_path: Path, load_format: str) -> str:
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest()
 
 
-def output_settings(job: JobSpec, model_path: Path, chat_template: str | None) -> dict:
-    """Every setting that changes what a row's output is (and nothing that only changes speed)."""
+def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, resolved: dict) -> dict:
+    """Every setting that changes what a row's output is (and nothing that only changes speed).
+
+    ``resolved``: the device, dtype, attention backend and deterministic flag this run resolves to
+    (``engine.placement.resolved_settings``), so a resume on another device or dtype is refused."""
     return {
         "model": job.model,
         "weights": weights_fingerprint(model_path, job.engine.load_format),
-        "dtype": job.engine.dtype,
+        **resolved,
         "column": job.column,
         "id_column": job.id_column,
         "keep_columns": list(job.keep_columns),

@@ -173,5 +173,6 @@ def _engine(p: Settings) -> EngineConfig:
         kv_cache_memory=p["kv_cache_memory"],
         attention_backend=p["attention_backend"],
         prefix_sharing=p["prefix_sharing"],
+        deterministic=p["deterministic"],
         load_format=p["load_format"],
     )

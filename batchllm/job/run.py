@@ -18,6 +18,7 @@ import numpy as np
 
 from batchllm.config import JobSpec
 from batchllm.engine.loop import EngineStats
+from batchllm.engine.placement import resolved_settings
 from batchllm.errors import Interrupted
 from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
@@ -128,7 +129,8 @@ class Job:
         self.run_dir.ensure_writable(job.output)
         self.run_dir.remove_output_leftovers(job.output)
         self.metrics = MetricsLog(job.run_dir)
-        self._claim(output_settings(job, model_path, getattr(tokenizer, "chat_template", None)))
+        template = getattr(tokenizer, "chat_template", None)
+        self._claim(output_settings(job, model_path, template, resolved_settings(job.engine)))
         self.progress = self._progress()
         try:
             self.executor = self._executor(model_path, tokenizer)

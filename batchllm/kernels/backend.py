@@ -14,6 +14,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 class AttentionBackend(Protocol):
     name: str
+    wants_chunk_plan: bool  # the step's metadata should carry a ChunkPlan
 
     def forward(
         self,

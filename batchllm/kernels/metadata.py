@@ -15,9 +15,13 @@ The KV cache of one layer is a pair ``(k_cache, v_cache)``, each
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from batchllm.kernels.chunk_plan import ChunkPlan, build_chunk_plan
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...]  # host copies, so loops need no device sync
     seq_lens_cpu: tuple[int, ...]
     decode_groups: DecodeGroups | None = None  # set only when one_token_each
+    chunk_plan: ChunkPlan | None = None  # batch-invariant attention's plan (torch, deterministic)
 
     @property
     def num_seqs(self) -> int:
@@ -66,6 +71,52 @@ class AttentionMetadata:
     def one_token_each(self) -> bool:
         """Every sequence has exactly one new token: decode rows, and prompts' one-token chunks."""
         return self.max_query_len == 1
+
+
+def build_metadata(
+    query_lens: np.ndarray,  # [num_seqs] int, new tokens of each sequence
+    seq_lens: np.ndarray,  # [num_seqs] int, cached + new tokens
+    block_tables: np.ndarray,  # [num_seqs, max_blocks] int32
+    slot_mapping: np.ndarray,  # [num_tokens] int64
+    groups: tuple[np.ndarray, np.ndarray],  # (group starts over sequences, shared blocks per group)
+    block_size: int,
+    to_device: Callable[[np.ndarray], torch.Tensor],
+    chunk_plan: bool = False,
+) -> AttentionMetadata:
+    """The step's metadata from plain host arrays, everything a backend needs per layer computed here
+    once. Decode groups are kept only in one-token steps (the kernels' cascade path); the chunk plan
+    uses them in every step."""
+    qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=qsl[1:])
+    one_token_each = int(query_lens.max()) == 1
+    starts, shared = groups
+    plan = None
+    if chunk_plan:
+        plan = build_chunk_plan(query_lens, seq_lens, block_tables, starts, shared, block_size, to_device)
+    return AttentionMetadata(
+        query_start_loc=to_device(qsl),
+        seq_lens=to_device(seq_lens.astype(np.int32)),
+        block_tables=to_device(block_tables),
+        slot_mapping=to_device(slot_mapping),
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+        query_lens_cpu=tuple(query_lens.tolist()),
+        seq_lens_cpu=tuple(seq_lens.tolist()),
+        decode_groups=_decode_groups(starts, shared, to_device) if one_token_each else None,
+        chunk_plan=plan,
+    )
+
+
+def _decode_groups(
+    starts: np.ndarray, shared: np.ndarray, to_device: Callable[[np.ndarray], torch.Tensor]
+) -> DecodeGroups:
+    return DecodeGroups(
+        group_start_loc=to_device(starts.astype(np.int32)),
+        shared_blocks=to_device(shared.astype(np.int32)),
+        max_group_size=int(np.diff(starts).max()),
+        group_start_cpu=tuple(starts.tolist()),
+        shared_blocks_cpu=tuple(shared.tolist()),
+    )
 
 
 MIN_SPLIT_TOKENS = 256  # a shared-prefix KV split shorter than this costs more to merge than it saves

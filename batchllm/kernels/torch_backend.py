@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.torch_chunked import chunked_attention
 from batchllm.kernels.torch_merge import merge_attention_states
 
 # Elements of K gathered at once in the decode path; bounds its padded copy of the context.
@@ -26,7 +27,17 @@ _DECODE_GATHER_ELEMENTS = 1 << 27
 
 
 class TorchAttention:
+    """``deterministic``: batch-invariant chunked attention (``torch_chunked.py``) on the step's chunk
+    plan; otherwise padded SDPA, bucketed by query length, and cascade decode in one-token steps."""
+
     name = "torch"
+
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
+
+    @property
+    def wants_chunk_plan(self) -> bool:
+        return self.deterministic
 
     def forward(
         self,
@@ -42,6 +53,8 @@ class TorchAttention:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if window is not None and window >= meta.max_seq_len:
             window = None  # no row has outgrown it: the window changes nothing
+        if meta.chunk_plan is not None:
+            return chunked_attention(q, k_cache, v_cache, meta.chunk_plan, scale, window)
         groups = meta.decode_groups
         # A window cuts each row's shared prefix at a different place: those rows read it on their own.
         if meta.one_token_each and window is None and groups is not None and any(groups.shared_blocks_cpu):

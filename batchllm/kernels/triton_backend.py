@@ -22,6 +22,7 @@ class TritonAttention:
     """
 
     name = "triton"
+    wants_chunk_plan = False
 
     def forward(
         self,

@@ -169,10 +169,8 @@ class Scheduler:
         sample = b.is_row[take] & tail
         from_prev = b.from_prev[take]
         prefill = int(query_lens.sum()) - int((sample & (ends > b.prompt_len[take])).sum())
-        groups = shared = None
-        if (query_lens == 1).all():
-            groups = b.group_starts(take)
-            shared = b.num_borrowed[take][groups]
+        groups = b.group_starts(take)
+        shared = b.num_borrowed[take][groups]
         return Step(
             tuple(b.seqs[i] for i in slots) if not whole else tuple(b.seqs[:n]), slots, starts,
             query_lens, tail, sample, b.block_tables[take], b.last_token[take].copy(),

@@ -47,8 +47,8 @@ class Step:
     num_output: np.ndarray  # int64 [num sampled], tokens a sampled row has generated before this step
     prev_rows: np.ndarray  # int64, rows whose input is a token the previous step sampled ...
     prev_index: np.ndarray  # int64, ... at these indices among that step's sampled tokens
-    group_starts: np.ndarray | None  # int32, step rows starting a run of rows under one parent (decode)
-    shared_blocks: np.ndarray | None  # int32, borrowed blocks of each such run
+    group_starts: np.ndarray  # int32, step rows starting a run of rows under one parent
+    shared_blocks: np.ndarray  # int32, borrowed blocks of each such run
     block_copies: tuple[tuple[int, int], ...]  # (src, dst): partial prefix blocks copied before the step
     prefill_tokens: int  # tokens computed for prompts (or recomputed after preemption), not decode
 
