@@ -85,9 +85,10 @@ class ModelRunner:
     def _chunk_plan(self, step: Step, inputs):
         """The batch-invariant torch path's plan (``--deterministic``): every step, groups included."""
         starts = np.append(step.group_starts, len(step.query_lens)).astype(np.int64)
+        shared = step.shared_blocks.astype(np.int64)
         return build_chunk_plan(
-            step.query_lens, inputs.seq_lens, inputs.block_tables, starts, step.shared_blocks.astype(np.int64),
-            self.block_size, lambda a: torch.from_numpy(a).to(self.device),
+            step.query_lens, inputs.seq_lens, inputs.block_tables, starts, shared, self.block_size,
+            lambda a: torch.from_numpy(a).to(self.device),
         )  # fmt: skip
 
     def _copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
