@@ -27,6 +27,7 @@ from batchllm.engine.loop import Engine
 from batchllm.engine.model_runner import ModelRunner
 from batchllm.engine.stopping import StopChecker
 from batchllm.errors import Interrupted
+from batchllm.kernels.torch_backend import TorchAttention
 from batchllm.scheduler.block_pool import BlockPool
 from batchllm.scheduler.scheduler import Scheduler
 from batchllm.scheduler.seq import Seq
@@ -67,7 +68,7 @@ def make_engine(num_rows: int) -> Engine:
     pool = BlockPool(num_blocks)
     scheduler = Scheduler(pool, BLOCK_SIZE, num_rows + MIXED_CHUNK, 2 * num_rows, sampling.max_new_tokens)
     caches = [(torch.zeros(num_blocks, 1, 1, 1), torch.zeros(num_blocks, 1, 1, 1))]
-    runner = ModelRunner(StubModel(), caches, None, BLOCK_SIZE, sampling)
+    runner = ModelRunner(StubModel(), caches, TorchAttention(), BLOCK_SIZE, sampling)
     return Engine(scheduler, runner, StopChecker(None, (), sampling))
 
 
