@@ -7,7 +7,9 @@ of about 2k tokens. Two step kinds are timed once every row is decoding:
   decode  every running row decodes one token
   mixed   the same, plus one fresh row's 512-token prefill chunk in the step
 
-Usage: python benchmarks/bench_step.py [--rows 256 1024 4096] [--steps 40]
+Usage: python benchmarks/bench_step.py [--rows 256 1024 4096] [--steps 40] [--model stub|one-layer]
+``--model one-layer`` runs a real one-layer, 64-wide Llama (random weights, float32, torch attention
+backend) instead of the stub: host work plus the model's own arithmetic, cascade decode included.
 A step is timed between consecutive ``should_stop`` calls of ``Engine.run``, so the figure covers the
 whole loop body, whatever the engine does inside it.
 """
@@ -61,14 +63,34 @@ def work(num_rows: int) -> list[Seq]:
     return out
 
 
-def make_engine(num_rows: int) -> Engine:
+def one_layer_model() -> torch.nn.Module:
+    """A real decoder, small enough that its matmuls take a few ms a step at 1,024 rows."""
+    from pathlib import Path
+
+    from batchllm.model.config import ModelConfig
+    from batchllm.model.loader import load_model
+
+    config = ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
+        num_layers=1, num_heads=4, num_kv_heads=2, head_dim=HIDDEN // 4, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_scaling=None, max_position_embeddings=8192, tie_word_embeddings=True,
+        attention_bias=False, qk_norm=False, eos_token_ids=(), bos_token_id=None,
+    )  # fmt: skip
+    return load_model(Path("."), config, torch.float32, torch.device("cpu"), dummy=True)
+
+
+def make_engine(num_rows: int, model: str = "stub") -> Engine:
     sampling = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     own_blocks = -(-(OWN + MAX_NEW) // BLOCK_SIZE) + 1
     num_blocks = num_rows * (own_blocks + 2) + 4096
     pool = BlockPool(num_blocks)
     scheduler = Scheduler(pool, BLOCK_SIZE, num_rows + MIXED_CHUNK, 2 * num_rows, sampling.max_new_tokens)
-    caches = [(torch.zeros(num_blocks, 1, 1, 1), torch.zeros(num_blocks, 1, 1, 1))]
-    runner = ModelRunner(StubModel(), caches, TorchAttention(), BLOCK_SIZE, sampling)
+    if model == "stub":
+        net, cache_shape = StubModel(), (num_blocks, 1, 1, 1)
+    else:
+        net, cache_shape = one_layer_model(), (num_blocks, BLOCK_SIZE, 2, HIDDEN // 4)
+    caches = [(torch.zeros(cache_shape), torch.zeros(cache_shape))]
+    runner = ModelRunner(net, caches, TorchAttention(), BLOCK_SIZE, sampling)
     return Engine(scheduler, runner, StopChecker(None, (), sampling))
 
 
@@ -93,8 +115,8 @@ class Clock:
         return len(self.times) > self.steps + 5
 
 
-def measure(num_rows: int, steps: int, mixed: bool) -> float:
-    engine = make_engine(num_rows)
+def measure(num_rows: int, steps: int, mixed: bool, model: str = "stub") -> float:
+    engine = make_engine(num_rows, model)
     clock = Clock(engine, num_rows, steps, mixed)
     try:
         engine.run(work(num_rows), lambda seq: None, clock)
@@ -108,13 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--model", choices=("stub", "one-layer"), default="stub")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = []
     for rows in args.rows:
         for mixed in (False, True):
-            ms = measure(rows, args.steps, mixed)
-            results.append({"rows": rows, "step": "mixed" if mixed else "decode", "host_ms": round(ms, 2)})
+            ms = measure(rows, args.steps, mixed, args.model)
+            step = "mixed" if mixed else "decode"
+            results.append({"rows": rows, "step": step, "model": args.model, "ms": round(ms, 2)})
             print(json.dumps(results[-1]), flush=True)
     print(json.dumps({"machine": platform.processor() or platform.machine(), "results": results}))
 

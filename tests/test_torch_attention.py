@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
-from batchllm.kernels.torch_backend import cascade_decode_attention, decode_attention
+from batchllm.kernels.torch_backend import decode_attention
+from batchllm.kernels.torch_cascade import cascade_decode_attention
 
 
 def _meta(
@@ -54,6 +55,26 @@ def test_cascade_decode_equals_plain_decode(kv_heads, heads):
         (b, 5),
     ]  # (a, 20): suffix ends in the last column
     meta = _meta(rows, starts=[0, 3, 4, 5, 7], shared=[3, 0, 0, 1], bs=bs)
+    q = torch.randn(len(rows), heads, d)
+    expected = decode_attention(q, k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, meta, 0.3), expected)
+
+
+def test_cascade_decode_many_groups_of_mixed_sizes():
+    """Groups of sizes 1..9 and prefixes of 1..4 blocks (several padded buckets), rows outside any
+    group at both ends: still equal to plain decode."""
+    torch.manual_seed(1)
+    bs, d, kv_heads, heads = 4, 8, 2, 4
+    k_cache, v_cache = torch.randn(400, bs, kv_heads, d), torch.randn(400, bs, kv_heads, d)
+    rows, starts, shared, block = [([], 7)], [1], [], 10
+    for g, size in enumerate([1, 9, 2, 5, 3, 8, 4, 1, 6]):
+        prefix = list(range(block, block + 1 + g % 4))
+        block += len(prefix)
+        rows += [(prefix, len(prefix) * bs + 1 + (r * 3) % 11) for r in range(size)]
+        shared.append(len(prefix) if g != 4 else 0)  # one group leaves its prefix to its rows
+        starts.append(len(rows))
+    rows.append(([], 5))
+    meta = _meta(rows, starts=starts, shared=shared, bs=bs)
     q = torch.randn(len(rows), heads, d)
     expected = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, meta, 0.3), expected)

@@ -16,7 +16,7 @@ from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
-from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
+from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
 from batchllm.scheduler.step import Step
 
 
@@ -58,29 +58,11 @@ class ModelRunner:
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""
-        q_cpu, lens_cpu = step.query_lens.tolist(), inputs.seq_lens.tolist()
         groups = None
         if inputs.group_start_loc is not None:
-            starts = inputs.group_start_loc
-            groups = DecodeGroups(
-                group_start_loc=dev["group_start_loc"],
-                shared_blocks=dev["shared_blocks"],
-                max_group_size=int(np.diff(starts).max()),
-                group_start_cpu=tuple(starts.tolist()),
-                shared_blocks_cpu=tuple(inputs.shared_blocks.tolist()),
-            )
-        return AttentionMetadata(
-            query_start_loc=dev["query_start_loc"],
-            seq_lens=dev["seq_lens"],
-            block_tables=dev["block_tables"],
-            slot_mapping=dev["slot_mapping"],
-            max_query_len=max(q_cpu),
-            max_seq_len=max(lens_cpu),
-            query_lens_cpu=tuple(q_cpu),
-            seq_lens_cpu=tuple(lens_cpu),
-            decode_groups=groups,
-            chunk_plan=self._chunk_plan(step, inputs) if self.backend.wants_chunk_plan else None,
-        )
+            groups = (inputs.group_start_loc, inputs.shared_blocks)
+        plan = self._chunk_plan(step, inputs) if self.backend.wants_chunk_plan else None
+        return metadata_on_device(step.query_lens, inputs.seq_lens, groups, dev, plan)
 
     def _chunk_plan(self, step: Step, inputs):
         """The batch-invariant torch path's plan (``--deterministic``): every step, groups included."""

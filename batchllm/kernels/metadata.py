@@ -15,8 +15,10 @@ The KV cache of one layer is a pair ``(k_cache, v_cache)``, each
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +40,20 @@ class DecodeGroups:
     max_group_size: int
     group_start_cpu: tuple[int, ...] = ()  # host copies, so torch paths loop without a device sync
     shared_blocks_cpu: tuple[int, ...] = ()
+    # What backends derive from the groups, computed by the first layer and reused by the others.
+    _per_step: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def once(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``'s result, computed the first time ``key`` is asked for in this step."""
+        if key not in self._per_step:
+            self._per_step[key] = build()
+        return self._per_step[key]
 
     def row_shared_blocks(self, num_seqs: int) -> torch.Tensor:
         """int32 [num_seqs]: ``shared_blocks`` of each row's group, 0 outside every group; no host sync."""
+        return self.once(("row_shared", num_seqs), lambda: self._row_shared_blocks(num_seqs))
+
+    def _row_shared_blocks(self, num_seqs: int) -> torch.Tensor:
         starts, shared = self.group_start_loc, self.shared_blocks
         if shared.shape[0] == 0:
             return torch.zeros(num_seqs, dtype=torch.int32, device=starts.device)
@@ -83,39 +96,53 @@ def build_metadata(
     to_device: Callable[[np.ndarray], torch.Tensor],
     chunk_plan: bool = False,
 ) -> AttentionMetadata:
-    """The step's metadata from plain host arrays, everything a backend needs per layer computed here
-    once. Decode groups are kept only in one-token steps (the kernels' cascade path); the chunk plan
-    uses them in every step."""
+    """The step's metadata from plain host arrays (``to_device`` moves each one). Decode groups are
+    kept only in one-token steps (the kernels' cascade path); the chunk plan uses them in every step."""
     qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=qsl[1:])
-    one_token_each = int(query_lens.max()) == 1
     starts, shared = groups
+    host = {"query_start_loc": qsl, "seq_lens": seq_lens.astype(np.int32), "block_tables": block_tables}
+    host["slot_mapping"] = slot_mapping
+    one_token_each = int(query_lens.max()) == 1
+    if one_token_each:
+        host.update(group_start_loc=starts.astype(np.int32), shared_blocks=shared.astype(np.int32))
     plan = None
     if chunk_plan:
         plan = build_chunk_plan(query_lens, seq_lens, block_tables, starts, shared, block_size, to_device)
+    dev = {name: to_device(a) for name, a in host.items()}
+    return metadata_on_device(query_lens, seq_lens, groups if one_token_each else None, dev, plan)
+
+
+def metadata_on_device(
+    query_lens: np.ndarray,  # [num_seqs] host copies of what ``dev`` holds
+    seq_lens: np.ndarray,
+    groups: tuple[np.ndarray, np.ndarray] | None,  # (group starts, shared blocks), one-token steps only
+    dev: Mapping[str, torch.Tensor],  # query_start_loc, seq_lens, block_tables, slot_mapping (+ groups')
+    chunk_plan: ChunkPlan | None = None,
+) -> AttentionMetadata:
+    """The one place a step's AttentionMetadata is put together, from arrays already on the device."""
+    decode_groups = None
+    if groups is not None:
+        starts, shared = groups
+        decode_groups = DecodeGroups(
+            group_start_loc=dev["group_start_loc"],
+            shared_blocks=dev["shared_blocks"],
+            max_group_size=int(np.diff(starts).max()),
+            group_start_cpu=tuple(starts.tolist()),
+            shared_blocks_cpu=tuple(shared.tolist()),
+        )
+    q_cpu, lens_cpu = query_lens.tolist(), seq_lens.tolist()
     return AttentionMetadata(
-        query_start_loc=to_device(qsl),
-        seq_lens=to_device(seq_lens.astype(np.int32)),
-        block_tables=to_device(block_tables),
-        slot_mapping=to_device(slot_mapping),
-        max_query_len=int(query_lens.max()),
-        max_seq_len=int(seq_lens.max()),
-        query_lens_cpu=tuple(query_lens.tolist()),
-        seq_lens_cpu=tuple(seq_lens.tolist()),
-        decode_groups=_decode_groups(starts, shared, to_device) if one_token_each else None,
-        chunk_plan=plan,
-    )
-
-
-def _decode_groups(
-    starts: np.ndarray, shared: np.ndarray, to_device: Callable[[np.ndarray], torch.Tensor]
-) -> DecodeGroups:
-    return DecodeGroups(
-        group_start_loc=to_device(starts.astype(np.int32)),
-        shared_blocks=to_device(shared.astype(np.int32)),
-        max_group_size=int(np.diff(starts).max()),
-        group_start_cpu=tuple(starts.tolist()),
-        shared_blocks_cpu=tuple(shared.tolist()),
+        query_start_loc=dev["query_start_loc"],
+        seq_lens=dev["seq_lens"],
+        block_tables=dev["block_tables"],
+        slot_mapping=dev["slot_mapping"],
+        max_query_len=max(q_cpu),
+        max_seq_len=max(lens_cpu),
+        query_lens_cpu=tuple(q_cpu),
+        seq_lens_cpu=tuple(lens_cpu),
+        decode_groups=decode_groups,
+        chunk_plan=chunk_plan,
     )
 
 
@@ -126,6 +153,11 @@ def auto_splits(device: torch.device, programs_per_split: int, max_seq_len: int)
     """Prefix KV splits for decode: about two programs per SM, none shorter than MIN_SPLIT_TOKENS."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     wanted = -(-2 * sms // max(programs_per_split, 1))
     return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

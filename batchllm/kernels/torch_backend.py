@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.metadata import AttentionMetadata
+from batchllm.kernels.torch_cascade import cascade_decode_attention
 from batchllm.kernels.torch_chunked import chunked_attention
-from batchllm.kernels.torch_merge import merge_attention_states
 
 # Elements of K gathered at once in the decode path; bounds its padded copy of the context.
 _DECODE_GATHER_ELEMENTS = 1 << 27
@@ -174,64 +174,3 @@ def decode_attention(
         row_mask = mask[lo:hi, None, None, :]  # [n, 1, 1, max_len]
         outs.append(F.scaled_dot_product_attention(qg[lo:hi], keys, values, attn_mask=row_mask, scale=scale))
     return torch.cat(outs).reshape(num_seqs, num_heads, head_dim)
-
-
-def cascade_decode_attention(
-    q: torch.Tensor,  # [num_seqs, num_heads, head_dim], one new token per sequence
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """Decode with shared prefixes: every group's queries attend to the group's shared blocks together
-    (read once, one matrix product), each row attends to the rest of its context, and the two partial
-    results are merged exactly through their log-sum-exp."""
-    groups = meta.decode_groups
-    num_seqs, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    qg = q.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim).float()
-    shared = torch.zeros(num_seqs, dtype=torch.long)
-    for g, blocks in enumerate(groups.shared_blocks_cpu):
-        shared[groups.group_start_cpu[g] : groups.group_start_cpu[g + 1]] = blocks
-    out, lse = _suffix_state(qg, k_cache, v_cache, meta, shared.to(q.device), scale)
-    for g, blocks in enumerate(groups.shared_blocks_cpu):
-        if blocks == 0:
-            continue
-        lo, hi = groups.group_start_cpu[g], groups.group_start_cpu[g + 1]
-        table = meta.block_tables[lo, :blocks].long()
-        keys = k_cache[table].flatten(0, 1).transpose(0, 1).float()  # [kv_heads, P, head_dim]
-        values = v_cache[table].flatten(0, 1).transpose(0, 1).float()
-        scores = torch.einsum("nkgd,kld->nkgl", qg[lo:hi], keys) * scale
-        p_lse = scores.logsumexp(-1)  # [n, kv_heads, group]
-        p_out = torch.einsum("nkgl,kld->nkgd", (scores - p_lse[..., None]).exp(), values)
-        out[lo:hi], lse[lo:hi] = merge_attention_states((out[lo:hi], lse[lo:hi]), (p_out, p_lse))
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
-
-
-def _suffix_state(
-    qg: torch.Tensor,  # [num_seqs, kv_heads, group, head_dim] float32
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    shared: torch.Tensor,  # [num_seqs] int64: leading blocks each row leaves to its group
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, kv_heads, group, head_dim], lse [n, kv_heads, group]
-    """Attention state of each row over its context after the shared blocks (padded, masked)."""
-    block_size = k_cache.shape[1]
-    seq_lens = meta.seq_lens.long()
-    first = shared * block_size  # first position each row attends to here
-    width = math.ceil(
-        max(s - b * block_size for s, b in zip(meta.seq_lens_cpu, shared.tolist())) / block_size
-    )
-    cols = shared[:, None] + torch.arange(width, device=qg.device)[None, :]  # [n, width] block columns
-    # Columns past a row's table are padding; their positions are >= seq_len, so the mask drops them.
-    table = meta.block_tables.long().gather(1, cols.clamp(max=meta.block_tables.shape[1] - 1))
-    pos = (cols * block_size)[:, :, None] + torch.arange(block_size, device=qg.device)  # [n, width, bs]
-    valid = ((pos >= first[:, None, None]) & (pos < seq_lens[:, None, None])).flatten(1)  # [n, L]
-    keys = k_cache[table].flatten(1, 2).transpose(1, 2).float()  # [n, kv_heads, L, head_dim]
-    values = v_cache[table].flatten(1, 2).transpose(1, 2).float()
-    scores = torch.einsum("nkgd,nkld->nkgl", qg, keys) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = scores.logsumexp(-1)
-    out = torch.einsum("nkgl,nkld->nkgd", (scores - lse[..., None]).exp().nan_to_num(0.0), values)
-    return out, lse
