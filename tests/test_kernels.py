@@ -142,7 +142,7 @@ def _to_device(obj: T) -> T:
         return obj.to(DEVICE)
     if dataclasses.is_dataclass(obj):
         return dataclasses.replace(
-            obj, **{f.name: _to_device(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            obj, **{f.name: _to_device(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
         )
     return obj
 
@@ -412,3 +412,26 @@ def test_launchers_reject_mismatched_inputs() -> None:
         paged_decode_attention(prefill.q, *prefill.stored(), prefill.meta, 1.0)
     with pytest.raises(ValueError, match="slot_mapping"):
         store_kv(batch.k, batch.v, k_cache, v_cache, batch.meta.slot_mapping[:1])
+
+
+def test_triton_backend_splits_a_mixed_step():
+    """The Triton backend runs a mixed step's decode rows through the prefix decode kernel and its
+    prefill chunks through the prefill kernel: together equal to the torch general path."""
+    import numpy as np
+    from test_torch_attention import _mixed_step
+
+    from batchllm.kernels.decode_part import split_mixed_step
+    from batchllm.kernels.metadata import build_metadata
+    from batchllm.kernels.torch_backend import varlen_attention
+
+    torch.manual_seed(3)
+    q_lens, seq_lens, tables, slots, groups = _mixed_step(4)
+    to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)  # noqa: E731
+    meta = build_metadata(q_lens, seq_lens, tables, slots, groups, 4, to_dev)
+    dev = {f: getattr(meta, f) for f in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")}
+    split = split_mixed_step(q_lens, seq_lens, groups, dev)
+    cache = (torch.randn(200, 4, 2, 64, device=DEVICE), torch.randn(200, 4, 2, 64, device=DEVICE))
+    q = torch.randn(int(q_lens.sum()), 4, 64, device=DEVICE)
+    expected = varlen_attention(q, *cache, meta, 0.125)
+    got = TritonAttention().attend(q, cache, dataclasses.replace(meta, mixed_split=split), 0.125)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)

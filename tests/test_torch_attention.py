@@ -3,13 +3,16 @@ log-sum-exp) equals plain decode attention over each row's whole context."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
-from batchllm.kernels.torch_backend import decode_attention
+from batchllm.kernels.decode_part import split_mixed_step
+from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups, build_metadata
+from batchllm.kernels.torch_backend import TorchAttention, decode_attention, varlen_attention
 from batchllm.kernels.torch_cascade import cascade_decode_attention
 
 
@@ -78,3 +81,47 @@ def test_cascade_decode_many_groups_of_mixed_sizes():
     q = torch.randn(len(rows), heads, d)
     expected = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, meta, 0.3), expected)
+
+
+def _mixed_step(bs: int):
+    """Rows (shared block ids, seq_len, query_len): decode rows of two groups around prefill chunks."""
+    a, b = [10, 11, 12], [20, 21]
+    rows = [(a, 17, 1), (a, 20, 6), (a, 14, 1), (a, 19, 1), ([], 9, 9), (b, 12, 1), (b, 10, 1), ([], 5, 1)]
+    starts, shared = np.array([0, 4, 5, 7, 8]), np.array([3, 0, 2, 0])
+    tables, nxt = np.zeros((len(rows), 8), dtype=np.int32), 100
+    slots = []
+    for i, (ids, seq_len, q) in enumerate(rows):
+        table = list(ids) + list(range(nxt, nxt + math.ceil(seq_len / bs) - len(ids)))
+        nxt += len(table) - len(ids)
+        tables[i, : len(table)] = table
+        pos = np.arange(seq_len - q, seq_len)
+        slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
+    q_lens = np.array([q for *_, q in rows])
+    seq_lens = np.array([s for _, s, _ in rows])
+    return q_lens, seq_lens, tables, np.concatenate(slots), (starts, shared)
+
+
+@pytest.mark.parametrize("kv_heads, heads", [(1, 2), (2, 4)])
+def test_mixed_step_split_equals_the_general_path(kv_heads, heads):
+    """Decode rows of a mixed step run apart (cascade over their groups), prefill chunks through the
+    general path: the outputs equal the general path over the whole step."""
+    torch.manual_seed(2)
+    bs, d = 4, 8
+    q_lens, seq_lens, tables, slots, groups = _mixed_step(bs)
+    meta = build_metadata(q_lens, seq_lens, tables, slots, groups, bs, torch.from_numpy)
+    dev = {f: getattr(meta, f) for f in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")}
+    split = split_mixed_step(q_lens, seq_lens, groups, dev)
+    assert split is not None and split.decode.decode_groups.group_start_cpu == (0, 3, 5, 6)
+    cache = (torch.randn(200, bs, kv_heads, d), torch.randn(200, bs, kv_heads, d))
+    q = torch.randn(int(q_lens.sum()), heads, d)
+    expected = varlen_attention(q, *cache, meta, 0.3)
+    got = TorchAttention().attend(q, cache, dataclasses.replace(meta, mixed_split=split), 0.3)
+    torch.testing.assert_close(got, expected)
+
+
+def test_no_split_when_no_two_decode_rows_share():
+    q_lens, seq_lens, tables, slots, (starts, shared) = _mixed_step(4)
+    meta = build_metadata(q_lens, seq_lens, tables, slots, (starts, shared), 4, torch.from_numpy)
+    dev = {f: getattr(meta, f) for f in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")}
+    assert split_mixed_step(q_lens, seq_lens, (starts, np.zeros_like(shared)), dev) is None
+    assert split_mixed_step(np.ones_like(q_lens), seq_lens, (starts, shared), dev) is None

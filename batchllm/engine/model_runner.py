@@ -7,6 +7,8 @@ input is the token the previous step sampled reads it on the device (``prev_samp
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -16,6 +18,7 @@ from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
+from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
 from batchllm.scheduler.step import Step
 
@@ -62,7 +65,12 @@ class ModelRunner:
         if inputs.group_start_loc is not None:
             groups = (inputs.group_start_loc, inputs.shared_blocks)
         plan = self._chunk_plan(step, inputs) if self.backend.wants_chunk_plan else None
-        return metadata_on_device(step.query_lens, inputs.seq_lens, groups, dev, plan)
+        meta = metadata_on_device(step.query_lens, inputs.seq_lens, groups, dev, plan)
+        if groups is None and plan is None:  # a mixed step: decode rows may still share prefixes
+            starts = np.append(step.group_starts, len(step.query_lens))
+            split = split_mixed_step(step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), dev)
+            meta = dataclasses.replace(meta, mixed_split=split)
+        return meta
 
     def _chunk_plan(self, step: Step, inputs):
         """The batch-invariant torch path's plan (``--deterministic``): every step, groups included."""

@@ -18,12 +18,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from batchllm.kernels.chunk_plan import ChunkPlan, build_chunk_plan
+
+if TYPE_CHECKING:
+    from batchllm.kernels.decode_part import MixedSplit
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class AttentionMetadata:
     seq_lens_cpu: tuple[int, ...]
     decode_groups: DecodeGroups | None = None  # set only when one_token_each
     chunk_plan: ChunkPlan | None = None  # batch-invariant attention's plan (torch, deterministic)
+    mixed_split: MixedSplit | None = None  # mixed steps: decode rows apart, for cascade (decode_part.py)
 
     @property
     def num_seqs(self) -> int:

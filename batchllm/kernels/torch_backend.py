@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
+from batchllm.kernels.decode_part import attend_split
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_cascade import cascade_decode_attention
 from batchllm.kernels.torch_chunked import chunked_attention
@@ -51,8 +52,22 @@ class TorchAttention:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale, window)
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """``forward`` for new tokens whose K/V are already in the cache."""
+        k_cache, v_cache = kv_cache
         if window is not None and window >= meta.max_seq_len:
             window = None  # no row has outgrown it: the window changes nothing
+        if meta.mixed_split is not None and window is None and meta.chunk_plan is None:
+            return attend_split(self, q, kv_cache, meta, scale)
         if meta.chunk_plan is not None:
             return chunked_attention(q, k_cache, v_cache, meta.chunk_plan, scale, window)
         groups = meta.decode_groups

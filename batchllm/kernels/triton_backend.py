@@ -6,6 +6,7 @@ import torch
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.decode_attention import paged_decode_attention
+from batchllm.kernels.decode_part import attend_split
 from batchllm.kernels.kv_store import store_kv
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.prefill_attention import prefill_attention
@@ -52,6 +53,8 @@ class TritonAttention:
         k_cache, v_cache = kv_cache
         if window is not None and window >= meta.max_seq_len:
             window = None  # no row has outgrown it: the window changes nothing
+        if meta.mixed_split is not None and window is None:
+            return attend_split(self, q, kv_cache, meta, scale)
         if not meta.one_token_each:
             return prefill_attention(q, k_cache, v_cache, meta, scale, window)
         if meta.decode_groups is not None and window is None:
