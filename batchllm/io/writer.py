@@ -23,10 +23,10 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
 from batchllm.io.faults import crash_point
+from batchllm.io.output_file import OutputPart, write_output
 from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,10 @@ class RunDir:
                 tables.append(table)
         return tables
 
-    def assemble(self, output: Path, num_rows: int) -> None:
-        """Write every committed row, in input order, to `output` atomically. An empty input needs one
-        empty shard (a zero-row result_table) so the output's schema is known."""
+    def assemble(self, output: Path, num_rows: int, parts: Sequence[OutputPart] = ()) -> None:
+        """Write every committed row, in input order, to `output` atomically (Parquet, or JSON Lines for
+        a ``.jsonl`` name), or each of ``parts`` to its own file. An empty input needs one empty shard
+        (a zero-row result_table) so the output's schema is known."""
         output = Path(output)
         committed = list_shards(self.shards)
         shards = self.verified_tables()
@@ -166,8 +167,10 @@ class RunDir:
         index = table.column("row_index").to_numpy()
         check_complete(index, num_rows, output)
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
-        _write_atomic(lambda f: pq.write_table(table, f), output, what="the output")
-        logger.info("wrote %d rows to %s", table.num_rows, output)
+        for part in parts or [OutputPart(output, 0, num_rows)]:
+            piece = table.slice(part.start, part.stop - part.start)
+            _write_atomic(lambda f, t=piece, p=part.path: write_output(t, f, p), part.path, what="the output")
+            logger.info("wrote %d rows to %s", piece.num_rows, part.path)
 
     def remove_output_leftovers(self, output: Path) -> None:
         """Remove the temp files a killed assembly left beside ``output`` (of processes now gone)."""
