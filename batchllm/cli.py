@@ -41,6 +41,9 @@ def run(
         bool, Opt(help="Apply the chat template: prefix as system, text as user message.")
     ] = False,
     output: Annotated[Path | None, Opt(help="Output Parquet (default: <input stem>.out.parquet).")] = None,
+    output_dir: Annotated[
+        Path | None, Opt(help="One output per input file, at its path below the dataset (not with --output).")
+    ] = None,
     run_dir: Annotated[Path | None, Opt(help="Run directory (default: <output>.run/).")] = None,
     fresh: Annotated[bool, Opt(help="Discard an earlier run in the run directory.")] = False,
     max_new_tokens: Annotated[int, Opt(help="Most tokens generated per row.")] = 256,

@@ -86,6 +86,7 @@ class JobSpec:
     checkpoint_seconds: float = 60.0  # ...and at least this often
     workers: int | None = None  # engine workers; None: 1, or every GPU of the Ray cluster at ray_address
     ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); None: local
+    output_dir: Path | None = None  # one output file per input file here (``output`` is then this directory)
 
     def __post_init__(self) -> None:
         if self.workers is not None:

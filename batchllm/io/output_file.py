@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _LINES_PER_WRITE = 8192  # rows turned into Python objects at a time, bounding memory
@@ -33,14 +32,6 @@ class OutputPart:
 
 def is_jsonl(path: Path) -> bool:
     return Path(path).suffix.lower() in JSONL_SUFFIXES
-
-
-def write_output(table: pa.Table, f: BinaryIO, path: Path) -> None:
-    """``table`` to ``f`` in the format ``path``'s extension names."""
-    if is_jsonl(path):
-        write_jsonl(table, f)
-    else:
-        pq.write_table(table, f)
 
 
 def write_jsonl(table: pa.Table, f: BinaryIO) -> None:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
+from batchllm.io.dataset import is_dataset, open_dataset
 from batchllm.io.jsonl import open_jsonl
 from batchllm.io.source import InputSource, check_columns, needed_columns
 from batchllm.io.writer import check_keep_columns
@@ -63,17 +64,30 @@ def _open_parquet(path: Path) -> tuple[int, list[str]]:
 def open_input(
     path: Path, fmt: str | None, column: str, id_column: str | None, keep_columns: tuple[str, ...]
 ) -> InputSource:
-    """Validate the input cheaply and return a lazy source. Raises JobError for anything unusable."""
+    """Validate the input cheaply and return a lazy source. Raises JobError for anything unusable.
+    A directory or a glob is a dataset of many files (``io.dataset``)."""
     path = Path(path)
+    if fmt is not None and fmt not in ("parquet", "jsonl"):
+        raise JobError(f"unknown input format {fmt!r}; use parquet or jsonl")
+    keep_columns = tuple(keep_columns)
+    check_keep_columns(keep_columns)  # a clash with an output column would only surface at the first commit
+    if not is_dataset(path):
+        return open_file(path, fmt, column, id_column, keep_columns)
+    suffixes = tuple(s for s, f in FORMATS_BY_SUFFIX.items() if fmt in (None, f))
+    return open_dataset(
+        path, id_column, keep_columns, suffixes, lambda p, i, k: open_file(p, fmt, column, i, k)
+    )
+
+
+def open_file(
+    path: Path, fmt: str | None, column: str, id_column: str | None, keep_columns: tuple[str, ...]
+) -> InputSource:
+    """One input file, validated (its columns and, for JSONL, every line)."""
     fmt = fmt or FORMATS_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise JobError(f"cannot tell the format of {path} from its extension; pass --format parquet or jsonl")
-    if fmt not in ("parquet", "jsonl"):
-        raise JobError(f"unknown input format {fmt!r}; use parquet or jsonl")
     if not path.is_file():
         raise JobError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    keep_columns = tuple(keep_columns)
-    check_keep_columns(keep_columns)  # a clash with an output column would only surface at the first commit
     if fmt == "jsonl":
         return open_jsonl(path, column, id_column, keep_columns)
     num_rows, columns = _open_parquet(path)

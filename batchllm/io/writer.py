@@ -23,10 +23,11 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
 from batchllm.io.faults import crash_point
-from batchllm.io.output_file import OutputPart, write_output
+from batchllm.io.output_file import OutputPart, is_jsonl, write_jsonl
 from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class RunDir:
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
         for part in parts or [OutputPart(output, 0, num_rows)]:
             piece = table.slice(part.start, part.stop - part.start)
-            _write_atomic(lambda f, t=piece, p=part.path: write_output(t, f, p), part.path, what="the output")
+            write = lambda f, t=piece, p=part.path: _write_output(t, f, p)  # noqa: E731
+            _write_atomic(write, part.path, what="the output")
             logger.info("wrote %d rows to %s", piece.num_rows, part.path)
 
     def remove_output_leftovers(self, output: Path) -> None:
@@ -240,6 +242,10 @@ def _write_atomic(write: Callable[[BinaryIO], None], path: Path, what: str) -> N
     except (OSError, pa.ArrowException) as e:
         _unlink_quietly(tmp)
         raise JobError(f"cannot write {what} {path}: {_reason(e)}") from e
+
+
+def _write_output(table: pa.Table, f: BinaryIO, path: Path) -> None:
+    write_jsonl(table, f) if is_jsonl(path) else pq.write_table(table, f)
 
 
 def _pid_alive(pid: int) -> bool:

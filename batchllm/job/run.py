@@ -20,6 +20,7 @@ from batchllm.config import JobSpec
 from batchllm.engine.loop import EngineStats
 from batchllm.engine.placement import resolved_settings
 from batchllm.errors import Interrupted
+from batchllm.io.dataset import output_parts
 from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
@@ -93,6 +94,7 @@ class Job:
 
             import_ray()
         self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+        self.parts = output_parts(self.source, job.output, job.output_dir)
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
@@ -109,8 +111,9 @@ class Job:
         """Check where the run writes, lock the run directory, end what a killed run left, and with
         ``fresh`` remove the tool's files of an earlier run (nothing else)."""
         job = self.job
-        check_paths(job.input, job.output, job.run_dir)
-        check_output(job.output)
+        for part in self.parts:
+            check_paths(job.input, part.path, job.run_dir)
+            check_output(part.path)
         check_recognised(job.run_dir)
         lock = RunLock.acquire(job.run_dir)
         try:
@@ -126,8 +129,9 @@ class Job:
     def _open(self, model_path: Path, tokenizer) -> None:
         job = self.job
         self.run_dir = RunDir(job.run_dir)
-        self.run_dir.ensure_writable(job.output)
-        self.run_dir.remove_output_leftovers(job.output)
+        self.run_dir.ensure_writable(self.parts[0].path)
+        for part in self.parts:
+            self.run_dir.remove_output_leftovers(part.path)
         self.metrics = MetricsLog(job.run_dir)
         template = getattr(tokenizer, "chat_template", None)
         self._claim(output_settings(job, model_path, template, resolved_settings(job.engine)))
@@ -269,7 +273,7 @@ class Job:
         started = time.perf_counter()
         if self.out.rows == 0:
             self.run_dir.commit(RowBlock.empty(self.source).error_table())
-        self.run_dir.assemble(self.job.output, self.out.rows)
+        self.run_dir.assemble(self.job.output, self.out.rows, self.parts)
         self.out.phase("write", time.perf_counter() - started)
 
     def _end(self, status: str) -> None:
