@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from batchllm.errors import JobError
-from batchllm.io.source import InputSource, PythonRows, RowBatch, check_columns, needed_columns, python_text
+from batchllm.io.source import InputSource, PythonRows, RowBatch, check_columns, needed_columns, python_value
 
 _SCAN_ROWS = 65536  # JSONL rows parsed at a time while validating
 _MAX_BLOCK = 2**31 - 1  # pyarrow.json block sizes are int32
@@ -33,7 +33,9 @@ class JsonlSource(InputSource):
         texts: list[str | None] = []
         errors: list[str | None] = []
         for row, line_error in zip(rows, parsed.errors):
-            text, error = (None, line_error) if line_error else python_text(row.get(self.column))
+            text, error = (
+                (None, line_error) if line_error else python_value(row.get(self.column), self.messages)
+            )
             texts.append(text)
             errors.append(error)
         ids = self._python_column(rows, self.id_column) if self.id_column else None

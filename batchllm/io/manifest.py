@@ -64,7 +64,8 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "keep_columns": list(job.keep_columns),
         "prefix_hash": _text_hash(job.prefix),
         "chat": job.chat,
-        "chat_template_hash": _text_hash(chat_template) if job.chat else None,
+        "chat_template_hash": _text_hash(chat_template) if job.chat or job.messages_column else None,
+        "messages_column": job.messages_column,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
     }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,20 +62,30 @@ def _open_parquet(path: Path) -> tuple[int, list[str]]:
 
 
 def open_input(
-    path: Path, fmt: str | None, column: str, id_column: str | None, keep_columns: tuple[str, ...]
+    path: Path,
+    fmt: str | None,
+    column: str,
+    id_column: str | None,
+    keep_columns: tuple[str, ...],
+    messages: bool = False,
 ) -> InputSource:
     """Validate the input cheaply and return a lazy source. Raises JobError for anything unusable.
-    A directory or a glob is a dataset of many files (``io.dataset``)."""
+    A directory or a glob is a dataset of many files (``io.dataset``). With ``messages``, ``column``
+    holds each row's conversation (``io.messages``) instead of its text."""
     path = Path(path)
     if fmt is not None and fmt not in ("parquet", "jsonl"):
         raise JobError(f"unknown input format {fmt!r}; use parquet or jsonl")
     keep_columns = tuple(keep_columns)
     check_keep_columns(keep_columns)  # a clash with an output column would only surface at the first commit
     if not is_dataset(path):
-        return open_file(path, fmt, column, id_column, keep_columns)
+        return replace(open_file(path, fmt, column, id_column, keep_columns), messages=messages)
     suffixes = tuple(s for s, f in FORMATS_BY_SUFFIX.items() if fmt in (None, f))
     return open_dataset(
-        path, id_column, keep_columns, suffixes, lambda p, i, k: open_file(p, fmt, column, i, k)
+        path,
+        id_column,
+        keep_columns,
+        suffixes,
+        lambda p, i, k: replace(open_file(p, fmt, column, i, k), messages=messages),
     )
 
 

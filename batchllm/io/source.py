@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.errors import JobError
+from batchllm.io.messages import arrow_conversations, python_conversation
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class InputSource(ABC):
     column: str
     id_column: str | None
     keep_columns: tuple[str, ...]
+    messages: bool = field(default=False, kw_only=True)  # `column` holds conversations (io.messages)
 
     @abstractmethod
     def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | PythonRows]:
@@ -71,7 +73,8 @@ class InputSource(ABC):
         return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
 
     def _batch_from_table(self, start: int, table: pa.Table) -> RowBatch:
-        texts, errors = _arrow_texts(table.column(self.column))
+        column = table.column(self.column)
+        texts, errors = arrow_conversations(column) if self.messages else _arrow_texts(column)
         ids = table.column(self.id_column).combine_chunks() if self.id_column else None
         if ids is not None:
             ids = _valid_utf8(ids, f"id column {self.id_column!r}", errors)
@@ -120,6 +123,11 @@ def _valid_utf8(values: pa.Array, what: str, errors: list[str | None]) -> pa.Arr
             fixed.append(None)
             errors[i] = errors[i] or f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})"
     return pa.array(fixed, type=values.type)
+
+
+def python_value(value: object, messages: bool) -> tuple[str | None, str | None]:
+    """A JSONL row's text (or conversation, as canonical JSON) and its error."""
+    return python_conversation(value) if messages else python_text(value)
 
 
 def python_text(value: object) -> tuple[str | None, str | None]:

@@ -152,6 +152,7 @@ def _job_spec(p: Settings) -> JobSpec:
         workers=p["workers"],
         ray_address=p["ray_address"],
         output_dir=Path(p["output_dir"]) if p.values.get("output_dir") else None,
+        messages_column=p.values.get("messages_column"),
     )
 
 

@@ -93,12 +93,13 @@ class Job:
             from batchllm.distributed.ray_executor import import_ray
 
             import_ray()
-        self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+        column, messages = job.messages_column or job.column, job.messages_column is not None
+        self.source = open_input(job.input, job.format, column, job.id_column, job.keep_columns, messages)
         self.parts = output_parts(self.source, job.output, job.output_dir)
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        self.prompter = Prompter(tokenizer, job.prefix, job.chat, messages)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
