@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import pyarrow as pa
 
 from batchllm.io.source import RowBatch
@@ -14,8 +16,8 @@ def concat_batches(batches: list[RowBatch]) -> RowBatch:
     ids = pa.concat_arrays([_array(b.ids) for b in batches])
     keeps = [b.keep for b in batches]
     keep = None if keeps[0] is None else pa.concat_tables(keeps)
-    texts = [t for b in batches for t in b.texts]
-    errors = [e for b in batches for e in b.text_errors]
+    texts = list(chain.from_iterable(b.texts for b in batches))  # C speed: windows copy every row
+    errors = list(chain.from_iterable(b.text_errors for b in batches))
     return RowBatch(batches[0].start, ids, texts, errors, keep)
 
 
