@@ -80,7 +80,7 @@ class DatasetSource(InputSource):
             arrays = [self._column(f, batch, k, batch.keep.column(k) if k in read else None)
                       for k in self.keep_columns]  # fmt: skip
             keep = pa.table(dict(zip(self.keep_columns, arrays)))
-        return RowBatch(start, ids, batch.texts, batch.text_errors, keep)
+        return RowBatch(start, ids, batch.texts, batch.text_errors, keep, batch.params)
 
     def _column(self, f: DatasetFile, batch: RowBatch, name: str, read: pa.Array | None) -> pa.Array:
         kind = self.types[name]
@@ -196,7 +196,7 @@ def _file_type(source: InputSource, name: str) -> pa.DataType:
 
 def check_unique_ids(dataset: DatasetSource) -> None:
     """A JobError naming an id that more than one row of the dataset has, and the files holding it."""
-    per_file = [[dataset._in_dataset(f, b).ids for b in f.source.iter_batches()] for f in dataset.files]
+    per_file = [_file_ids(dataset, f) for f in dataset.files]
     kind = dataset.types[dataset.id_column]
     ids = pc.drop_null(pa.chunked_array([a for arrays in per_file for a in arrays], kind))
     counts = pc.value_counts(ids)
@@ -210,6 +210,18 @@ def check_unique_ids(dataset: DatasetSource) -> None:
         f"id {value!r} of column {dataset.id_column!r} appears {repeated[0]['counts'].as_py()} times in the "
         f"dataset {dataset.path} (in {', '.join(holders[:3])}); ids must be unique across its files"
     )
+
+
+def _file_ids(dataset: DatasetSource, f: DatasetFile) -> list[pa.Array]:
+    """A file's ids as the dataset types them: a Parquet file's id column alone, a JSONL file parsed."""
+    name, kind = dataset.id_column, dataset.types[dataset.id_column]
+    if name not in f.source.columns:  # a partition column (null for a file without that directory)
+        return [pa.array([f.partitions.get(name)] * f.source.num_rows, type=kind)]
+    if getattr(f.source, "schema", None) is None:  # Parquet: read only the id column
+        import pyarrow.parquet as pq
+
+        return [pq.read_table(f.source.path, columns=[name]).column(name).combine_chunks().cast(kind)]
+    return [dataset._in_dataset(f, b).ids for b in f.source.iter_batches()]
 
 
 def output_parts(source: InputSource, output: Path, output_dir: Path | None) -> list[OutputPart]:
