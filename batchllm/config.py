@@ -86,6 +86,7 @@ class JobSpec:
     checkpoint_seconds: float = 60.0  # ...and at least this often
     workers: int | None = None  # engine workers; None: 1, or every GPU of the Ray cluster at ray_address
     ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); None: local
+    params_column: str | None = None  # a column of per-row sampling settings (io.row_params)
     messages_column: str | None = None  # a column of conversations, rendered with the chat template
     output_dir: Path | None = None  # one output file per input file here (``output`` is then this directory)
 
@@ -114,6 +115,8 @@ class JobSpec:
             check_str("id-column", self.id_column)
         if self.messages_column is not None:
             check_str("messages-column", self.messages_column)
+        if self.params_column is not None:
+            check_str("params-column", self.params_column)
         seen: set[str] = set()
         for name in check_strings("keep-columns", self.keep_columns):
             if name in seen:

@@ -42,7 +42,8 @@ class JsonlSource(InputSource):
         keep = None
         if self.keep_columns:
             keep = pa.table({k: self._python_column(rows, k) for k in self.keep_columns})
-        return RowBatch(start, self._ids(start, len(rows), ids), texts, errors, keep)
+        params = [r.get(self.params_column) for r in rows] if self.params_column else None
+        return RowBatch(start, self._ids(start, len(rows), ids), texts, errors, keep, params)
 
     def _python_column(self, rows: list[dict], name: str) -> pa.Array:
         return pa.array([r.get(name) for r in rows], type=self.schema.field(name).type)
@@ -171,17 +172,22 @@ def _merge_types(old: pa.DataType | None, new: pa.DataType | None) -> pa.DataTyp
         return None
 
 
-def open_jsonl(path: Path, column: str, id_column: str | None, keep: tuple[str, ...]) -> JsonlSource:
+def open_jsonl(
+    path: Path, column: str, id_column: str | None, keep: tuple[str, ...], params_column: str | None = None
+) -> JsonlSource:
     try:
         num_rows, types = _scan_jsonl(path)
     except OSError as e:
         raise JobError(f"cannot read {path}: {e.strerror or e}") from e
     columns = list(types)
     check_columns(path, columns, column, id_column, keep)
+    if params_column is not None and params_column not in columns:
+        raise JobError(f"params column {params_column!r} not found in {path}")
     fields = []
-    for name in needed_columns(column, id_column, keep):
+    for name in needed_columns(column, id_column, keep, params_column):
         kind = types[name]
-        if kind is None and name != column:
+        if kind is None and name not in (column, params_column):
             raise JobError(f"column {name!r} in {path} holds values of incompatible types; it cannot be kept")
         fields.append((name, kind or pa.string()))  # mixed-type text: chunks with non-strings parse slowly
-    return JsonlSource(path, num_rows, columns, column, id_column, keep, pa.schema(fields))
+    schema = pa.schema(fields)
+    return JsonlSource(path, num_rows, columns, column, id_column, keep, schema, params_column=params_column)

@@ -21,7 +21,7 @@ FORMATS_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl
 @dataclass(frozen=True)
 class ParquetSource(InputSource):
     def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table]:
-        columns = needed_columns(self.column, self.id_column, self.keep_columns)
+        columns = needed_columns(self.column, self.id_column, self.keep_columns, self.params_column)
         with pq.ParquetFile(self.path) as pf:
             group, skip = 0, start
             while group < pf.num_row_groups and skip >= pf.metadata.row_group(group).num_rows:
@@ -68,29 +68,35 @@ def open_input(
     id_column: str | None,
     keep_columns: tuple[str, ...],
     messages: bool = False,
+    params_column: str | None = None,
 ) -> InputSource:
     """Validate the input cheaply and return a lazy source. Raises JobError for anything unusable.
     A directory or a glob is a dataset of many files (``io.dataset``). With ``messages``, ``column``
-    holds each row's conversation (``io.messages``) instead of its text."""
+    holds each row's conversation (``io.messages``) instead of its text; ``params_column`` holds each
+    row's sampling settings (``io.row_params``)."""
     path = Path(path)
     if fmt is not None and fmt not in ("parquet", "jsonl"):
         raise JobError(f"unknown input format {fmt!r}; use parquet or jsonl")
     keep_columns = tuple(keep_columns)
     check_keep_columns(keep_columns)  # a clash with an output column would only surface at the first commit
+
+    def one(p: Path, id_column: str | None, keep: tuple[str, ...]) -> InputSource:
+        source = open_file(p, fmt, column, id_column, keep, params_column)
+        return replace(source, messages=messages, params_column=params_column)
+
     if not is_dataset(path):
-        return replace(open_file(path, fmt, column, id_column, keep_columns), messages=messages)
+        return one(path, id_column, keep_columns)
     suffixes = tuple(s for s, f in FORMATS_BY_SUFFIX.items() if fmt in (None, f))
-    return open_dataset(
-        path,
-        id_column,
-        keep_columns,
-        suffixes,
-        lambda p, i, k: replace(open_file(p, fmt, column, i, k), messages=messages),
-    )
+    return open_dataset(path, id_column, keep_columns, suffixes, one)
 
 
 def open_file(
-    path: Path, fmt: str | None, column: str, id_column: str | None, keep_columns: tuple[str, ...]
+    path: Path,
+    fmt: str | None,
+    column: str,
+    id_column: str | None,
+    keep_columns: tuple[str, ...],
+    params_column: str | None = None,
 ) -> InputSource:
     """One input file, validated (its columns and, for JSONL, every line)."""
     fmt = fmt or FORMATS_BY_SUFFIX.get(path.suffix.lower())
@@ -99,7 +105,9 @@ def open_file(
     if not path.is_file():
         raise JobError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
     if fmt == "jsonl":
-        return open_jsonl(path, column, id_column, keep_columns)
+        return open_jsonl(path, column, id_column, keep_columns, params_column)
     num_rows, columns = _open_parquet(path)
     check_columns(path, columns, column, id_column, keep_columns)
+    if params_column is not None and params_column not in columns:
+        raise JobError(f"params column {params_column!r} not found in {path}")
     return ParquetSource(path, num_rows, columns, column, id_column, keep_columns)

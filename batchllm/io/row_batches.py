@@ -18,7 +18,8 @@ def concat_batches(batches: list[RowBatch]) -> RowBatch:
     keep = None if keeps[0] is None else pa.concat_tables(keeps)
     texts = list(chain.from_iterable(b.texts for b in batches))  # C speed: windows copy every row
     errors = list(chain.from_iterable(b.text_errors for b in batches))
-    return RowBatch(batches[0].start, ids, texts, errors, keep)
+    params = None if batches[0].params is None else list(chain.from_iterable(b.params for b in batches))
+    return RowBatch(batches[0].start, ids, texts, errors, keep, params)
 
 
 def split_batch(batch: RowBatch, rows: int) -> tuple[RowBatch, RowBatch]:
@@ -26,10 +27,12 @@ def split_batch(batch: RowBatch, rows: int) -> tuple[RowBatch, RowBatch]:
     head = RowBatch(
         batch.start, batch.ids.slice(0, rows), batch.texts[:rows], batch.text_errors[:rows],
         None if batch.keep is None else batch.keep.slice(0, rows),
+        None if batch.params is None else batch.params[:rows],
     )  # fmt: skip
     tail = RowBatch(
         batch.start + rows, batch.ids.slice(rows), batch.texts[rows:], batch.text_errors[rows:],
         None if batch.keep is None else batch.keep.slice(rows),
+        None if batch.params is None else batch.params[rows:],
     )  # fmt: skip
     return head, tail
 

@@ -24,6 +24,7 @@ class RowBatch:
     texts: list[str | None]  # None where the text is unusable; text_errors says why
     text_errors: list[str | None]
     keep: pa.Table | None  # the keep columns, None when none were asked for
+    params: list | None = None  # each row's --params-column value (Python), None without that column
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,6 +53,7 @@ class InputSource(ABC):
     id_column: str | None
     keep_columns: tuple[str, ...]
     messages: bool = field(default=False, kw_only=True)  # `column` holds conversations (io.messages)
+    params_column: str | None = field(default=None, kw_only=True)  # per-row sampling settings
 
     @abstractmethod
     def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | PythonRows]:
@@ -83,7 +85,8 @@ class InputSource(ABC):
             column = _valid_utf8(keep.column(name).combine_chunks(), f"keep column {name!r}", errors)
             keep = keep.set_column(i, name, column)
         texts = [None if e else t for t, e in zip(texts, errors)]  # a row with an error is not generated
-        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep)
+        params = table.column(self.params_column).to_pylist() if self.params_column else None
+        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep, params)
 
     def _batch_from_rows(self, start: int, rows: PythonRows) -> RowBatch:
         raise NotImplementedError  # only JSONL falls back to parsed Python rows
@@ -142,8 +145,11 @@ def python_text(value: object) -> tuple[str | None, str | None]:
     return None, f"text is not a string ({kind})"
 
 
-def needed_columns(column: str, id_column: str | None, keep: tuple[str, ...]) -> list[str]:
-    return list(dict.fromkeys([column, *([id_column] if id_column else []), *keep]))
+def needed_columns(
+    column: str, id_column: str | None, keep: tuple[str, ...], params_column: str | None = None
+) -> list[str]:
+    extra = [c for c in (id_column, params_column) if c]
+    return list(dict.fromkeys([column, *extra, *keep]))
 
 
 def check_columns(

@@ -153,6 +153,7 @@ def _job_spec(p: Settings) -> JobSpec:
         ray_address=p["ray_address"],
         output_dir=Path(p["output_dir"]) if p.values.get("output_dir") else None,
         messages_column=p.values.get("messages_column"),
+        params_column=p.values.get("params_column"),
     )
 
 

@@ -25,7 +25,6 @@ from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
-from batchllm.io.reader import open_input
 from batchllm.io.run_lock import RunLock
 from batchllm.io.run_marker import check_paths, check_recognised, clear, mark
 from batchllm.io.writer import RunDir, check_output
@@ -39,7 +38,7 @@ from batchllm.job.report import GROUP_KEYS
 from batchllm.job.rows import RowBlock
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import PlannedRows, split_plan
-from batchllm.job.windows import Window, read_windows, row_keys
+from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
 from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
@@ -93,13 +92,12 @@ class Job:
             from batchllm.distributed.ray_executor import import_ray
 
             import_ray()
-        column, messages = job.messages_column or job.column, job.messages_column is not None
-        self.source = open_input(job.input, job.format, column, job.id_column, job.keep_columns, messages)
+        self.source = open_job_input(job)
         self.parts = output_parts(self.source, job.output, job.output_dir)
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat, messages)
+        self.prompter = Prompter(tokenizer, job.prefix, job.chat, job.messages_column is not None)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -188,7 +186,8 @@ class Job:
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
-        windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
+        source, prompter, rows = self.source, self.prompter, job.window_rows
+        windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling)
         try:
             for number in itertools.count():
                 started = time.perf_counter()
@@ -220,10 +219,12 @@ class Job:
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and window.params is None  # rows' own settings: never merged
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
-        keys = row_keys(job.sampling.seed, window.ids, runnable)
-        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
+        keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
+        params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
+        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens, params)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
