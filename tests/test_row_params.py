@@ -145,3 +145,15 @@ def test_a_job_file_run_killed_and_resumed_gives_the_same_output(job):
     (root / "job.toml").write_text("\n".join(settings).replace("in.parquet", "changed.parquet") + "\n")
     result = CliRunner().invoke(app, ["run", "--job", str(root / "job.toml"), "--quiet"])
     assert result.exit_code == 2 and "input changed" in result.output  # params are part of the input
+
+
+def test_a_parquet_struct_field_of_the_wrong_type_is_a_row_error(job):
+    root = job["root"]
+    kind = pa.struct([("temperature", pa.string()), ("max_tokens", pa.int64())])
+    values = [{"temperature": "warm", "max_tokens": None}, {"temperature": None, "max_tokens": 2}]
+    pq.write_table(
+        pa.table({"text": job["texts"][:2], "params": pa.array(values, kind)}), root / "typed.parquet"
+    )
+    out = run(job, "typed.out.parquet", "--params-column", "params", inp="typed.parquet")
+    assert out[0]["error"] == "params temperature must be a number, got 'warm'"
+    assert out[1]["error"] is None and out[1]["output_tokens"] <= 2
