@@ -36,7 +36,7 @@ def run(
     column: Annotated[str, Opt(help="Column holding each row's text.")] = "text",
     id_column: Annotated[str | None, Opt(help="Column passed through as the output id.")] = None,
     keep_columns: Annotated[str, Opt(help="Comma-separated input columns copied to the output.")] = "",
-    format: Annotated[str | None, Opt(help="parquet | jsonl (default: from the extension).")] = None,
+    format: Annotated[str | None, Opt(help="parquet | jsonl | openai (default: from the extension).")] = None,
     params_column: Annotated[
         str | None, Opt(help="Column of per-row settings: max_tokens, temperature, top_p, top_k, seed, stop.")
     ] = None,

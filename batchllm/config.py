@@ -70,7 +70,7 @@ class JobSpec:
     input: Path
     model: str
     output: Path
-    format: str | None = None  # parquet | jsonl; None: from the extension
+    format: str | None = None  # parquet | jsonl | openai; None: from the extension (and first line)
     column: str = "text"
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
@@ -96,7 +96,7 @@ class JobSpec:
         if self.ray_address is not None and not check_str("ray-address", self.ray_address).strip():
             raise SettingError("ray-address", "must not be empty")
         if self.format is not None:
-            _check_choice("format", self.format, ("parquet", "jsonl"))
+            _check_choice("format", self.format, ("parquet", "jsonl", "openai"))
         self._check_columns()
         check_bool("chat", self.chat)
         check_bool("progress", self.progress)

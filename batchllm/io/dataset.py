@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.errors import JobError
-from batchllm.io.output_file import OutputPart
+from batchllm.io.output_file import OutputPart, is_jsonl
 from batchllm.io.row_batches import concat_batches, split_batch
 from batchllm.io.source import InputSource, RowBatch
 
@@ -234,6 +234,10 @@ def output_parts(source: InputSource, output: Path, output_dir: Path | None) -> 
                 f"the output {output_dir or output} is inside the input directory {source.path}, so the "
                 "next run would read it as input; put it elsewhere"
             )
+    if getattr(source, "batch_output", False) and output_dir is None and not is_jsonl(output):
+        raise JobError(
+            f"the results of an OpenAI batch file are JSON lines; give --output NAME.jsonl, not {output}"
+        )
     if output_dir is None:
         return [OutputPart(output, 0, source.num_rows)]
     if not isinstance(source, DatasetSource):

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 from batchllm.errors import JobError
 from batchllm.io.dataset import is_dataset, open_dataset
 from batchllm.io.jsonl import open_jsonl
+from batchllm.io.openai_batch import is_batch_file, open_batch_file
+from batchllm.io.output_file import JSONL_SUFFIXES
 from batchllm.io.source import InputSource, check_columns, needed_columns
 from batchllm.io.writer import check_keep_columns
 
@@ -69,25 +71,39 @@ def open_input(
     keep_columns: tuple[str, ...],
     messages: bool = False,
     params_column: str | None = None,
+    model: str = "",
 ) -> InputSource:
     """Validate the input cheaply and return a lazy source. Raises JobError for anything unusable.
     A directory or a glob is a dataset of many files (``io.dataset``). With ``messages``, ``column``
     holds each row's conversation (``io.messages``) instead of its text; ``params_column`` holds each
-    row's sampling settings (``io.row_params``)."""
+    row's sampling settings (``io.row_params``). An OpenAI batch file (``--format openai``, or a JSONL
+    file whose first line is a request) brings all three (``io.openai_batch``); ``model`` is the job's."""
     path = Path(path)
-    if fmt is not None and fmt not in ("parquet", "jsonl"):
-        raise JobError(f"unknown input format {fmt!r}; use parquet or jsonl")
+    if fmt is not None and fmt not in ("parquet", "jsonl", "openai"):
+        raise JobError(f"unknown input format {fmt!r}; use parquet, jsonl or openai")
     keep_columns = tuple(keep_columns)
     check_keep_columns(keep_columns)  # a clash with an output column would only surface at the first commit
 
     def one(p: Path, id_column: str | None, keep: tuple[str, ...]) -> InputSource:
+        if fmt == "openai" or (fmt is None and p.suffix.lower() in JSONL_SUFFIXES and is_batch_file(p)):
+            return _openai(p, model, dataset=is_dataset(path))
         source = open_file(p, fmt, column, id_column, keep, params_column)
         return replace(source, messages=messages, params_column=params_column)
 
     if not is_dataset(path):
         return one(path, id_column, keep_columns)
-    suffixes = tuple(s for s, f in FORMATS_BY_SUFFIX.items() if fmt in (None, f))
+    suffixes = tuple(
+        s for s, f in FORMATS_BY_SUFFIX.items() if fmt in (None, f, "openai" if f == "jsonl" else f)
+    )
     return open_dataset(path, id_column, keep_columns, suffixes, one)
+
+
+def _openai(path: Path, model: str, dataset: bool) -> InputSource:
+    if dataset:
+        raise JobError(f"{path} is an OpenAI batch file; give batch files one at a time, not as a dataset")
+    if not path.is_file():
+        raise JobError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    return open_batch_file(path, model)
 
 
 def open_file(

@@ -16,12 +16,21 @@ from batchllm.errors import SettingError
 KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
-def row_params(value: object, job: SamplingParams) -> tuple[SamplingParams | None, str | None]:
-    """(the row's settings, None) — None settings: the job's own — or (None, why the value is wrong)."""
+def row_params(
+    value: object, job: SamplingParams, cap_max_tokens: bool = False
+) -> tuple[SamplingParams | None, str | None]:
+    """(the row's settings, None) — None settings: the job's own — or (None, why the value is wrong).
+    ``cap_max_tokens``: a ``max_tokens`` above the job's is lowered to it instead of refused."""
     if value is None:
         return None, None
     if not isinstance(value, dict):
         return None, f"params is not an object ({type(value).__name__})"
+    if (
+        cap_max_tokens
+        and isinstance(value.get("max_tokens"), int)
+        and value["max_tokens"] > job.max_new_tokens
+    ):
+        value = {**value, "max_tokens": job.max_new_tokens}
     unknown = [k for k in value if k not in KEYS]
     if unknown:
         return None, f"params has an unknown key {unknown[0]!r} (known: {', '.join(KEYS)})"

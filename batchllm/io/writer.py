@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
 from batchllm.io.faults import crash_point
+from batchllm.io.openai_output import write_batch_output
 from batchllm.io.output_file import OutputPart, is_jsonl, write_jsonl
 from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 
@@ -147,10 +148,13 @@ class RunDir:
                 tables.append(table)
         return tables
 
-    def assemble(self, output: Path, num_rows: int, parts: Sequence[OutputPart] = ()) -> None:
+    def assemble(
+        self, output: Path, num_rows: int, parts: Sequence[OutputPart] = (), batch_model: str | None = None
+    ) -> None:
         """Write every committed row, in input order, to `output` atomically (Parquet, or JSON Lines for
         a ``.jsonl`` name), or each of ``parts`` to its own file. An empty input needs one empty shard
-        (a zero-row result_table) so the output's schema is known."""
+        (a zero-row result_table) so the output's schema is known. With ``batch_model``, each part is
+        written in the OpenAI batch output shape (``io.openai_output``)."""
         output = Path(output)
         committed = list_shards(self.shards)
         shards = self.verified_tables()
@@ -170,6 +174,9 @@ class RunDir:
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
         for part in parts or [OutputPart(output, 0, num_rows)]:
             piece = table.slice(part.start, part.stop - part.start)
+            if batch_model is not None:
+                write_batch_output(piece, part.path, batch_model, _write_atomic)
+                continue
             write = lambda f, t=piece, p=part.path: _write_output(t, f, p)  # noqa: E731
             _write_atomic(write, part.path, what="the output")
             logger.info("wrote %d rows to %s", piece.num_rows, part.path)

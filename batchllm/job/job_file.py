@@ -19,6 +19,7 @@ import typer
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
 from batchllm.errors import JobError, SettingError
 from batchllm.io.dataset import input_stem
+from batchllm.io.openai_batch import is_batch_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,7 +165,10 @@ def _output(p: Settings, inp: Path) -> Path:
         raise JobError("give --output or --output-dir, not both")
     if output_dir:
         return Path(output_dir)
-    return Path(p["output"]) if p["output"] else Path.cwd() / f"{input_stem(inp)}.out.parquet"
+    if p["output"]:
+        return Path(p["output"])
+    batch = p["format"] == "openai" or (p["format"] is None and inp.suffix == ".jsonl" and is_batch_file(inp))
+    return Path.cwd() / f"{input_stem(inp)}.out.{'jsonl' if batch else 'parquet'}"
 
 
 def _sampling(p: Settings) -> SamplingParams:

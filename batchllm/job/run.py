@@ -97,7 +97,7 @@ class Job:
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat, job.messages_column is not None)
+        self.prompter = Prompter(tokenizer, job.prefix, job.chat, self.source.messages)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -275,7 +275,8 @@ class Job:
         started = time.perf_counter()
         if self.out.rows == 0:
             self.run_dir.commit(RowBlock.empty(self.source).error_table())
-        self.run_dir.assemble(self.job.output, self.out.rows, self.parts)
+        batch_model = self.job.model if getattr(self.source, "batch_output", False) else None
+        self.run_dir.assemble(self.job.output, self.out.rows, self.parts, batch_model)
         self.out.phase("write", time.perf_counter() - started)
 
     def _end(self, status: str) -> None:

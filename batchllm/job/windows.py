@@ -61,7 +61,7 @@ def open_job_input(job: JobSpec) -> InputSource:
     """The job's input: its text column, or its messages column; its params column."""
     column, messages = job.messages_column or job.column, job.messages_column is not None
     return open_input(
-        job.input, job.format, column, job.id_column, job.keep_columns, messages, job.params_column
+        job.input, job.format, column, job.id_column, job.keep_columns, messages, job.params_column, job.model
     )
 
 
@@ -80,7 +80,8 @@ def read_windows(
         done = skip[batch.start : batch.start + len(batch)]
         if done.all():
             continue
-        params, param_errors = _params(batch.params, sampling, len(batch))
+        cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests: capped, not refused
+        params, param_errors = _params(batch.params, sampling, len(batch), cap)
         texts = [None if d or p else t for t, d, p in zip(batch.texts, done, param_errors)]
         text_errors = [
             e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
@@ -95,12 +96,12 @@ def read_windows(
 
 
 def _params(
-    values: list | None, sampling: SamplingParams | None, n: int
+    values: list | None, sampling: SamplingParams | None, n: int, cap: bool = False
 ) -> tuple[list[SamplingParams | None] | None, list[str | None]]:
     """Each row's settings (None: the job's) and the error of a row whose value is wrong."""
     if values is None or sampling is None:
         return None, [None] * n
-    pairs = [row_params(v, sampling) for v in values]
+    pairs = [row_params(v, sampling, cap) for v in values]
     return [p for p, _ in pairs], [e for _, e in pairs]
 
 
