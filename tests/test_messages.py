@@ -135,3 +135,13 @@ def test_a_job_file_and_a_killed_run_give_the_same_output(job):
     result = CliRunner().invoke(app, ["run", "--job", str(root / "job.toml"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert pq.read_table(root / "job.parquet").column("output").to_pylist() == job["expected"]
+
+
+def test_batchllm_plan_groups_conversations(job):
+    args = ["plan", str(DATA / "messages.jsonl"), "--model", str(job["model"]), "--json",
+            "--messages-column", "messages", "--prefix", str(job["root"] / "system.txt")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["rows"] == len(job["rows"]) and figures["groups"] >= 2
+    assert figures["prefill_tokens_planned"] < figures["prompt_tokens"]
