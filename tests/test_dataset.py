@@ -175,3 +175,15 @@ def test_the_cli_refuses_an_output_inside_the_input_directory_and_both_outputs(d
         root / "reviews", "--model", model, "--output", root / "o.parquet", "--output-dir", root / "o"
     )
     assert code == 2 and "not both" in out
+
+
+def test_a_dataset_of_conversations_gives_the_single_file_output(tmp_path, tiny_models):
+    lines = (Path(__file__).parent / "data" / "messages.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text("".join(lines[:3]))
+    (tmp_path / "d" / "b.jsonl").write_text("".join(lines[3:]))
+    (tmp_path / "one.jsonl").write_text("".join(lines))
+    common = ("--model", tiny_models["qwen2"], "--messages-column", "messages", "--id-column", "id")
+    assert cli(tmp_path / "one.jsonl", *common, "--output", tmp_path / "one.parquet")[0] == 0
+    assert cli(tmp_path / "d", *common, "--output", tmp_path / "d.parquet")[0] == 0
+    assert pq.read_table(tmp_path / "d.parquet").equals(pq.read_table(tmp_path / "one.parquet"))

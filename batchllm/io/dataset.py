@@ -159,7 +159,11 @@ def open_dataset(
     types = {
         name: _agreed_type(files, name, keys) for name in ([id_column] if id_column else []) + list(keep)
     }
-    dataset = DatasetSource(root, start, columns, column, id_column, keep, tuple(files), types)
+    first = files[0].source  # every file is opened alike: its conversations and params say the dataset's
+    dataset = DatasetSource(
+        root, start, columns, column, id_column, keep, tuple(files), types,
+        messages=first.messages, params_column=first.params_column,
+    )  # fmt: skip
     if id_column is not None:
         check_unique_ids(dataset)
     return dataset
