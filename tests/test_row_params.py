@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +21,10 @@ from batchllm.config import SamplingParams
 from batchllm.engine.row_sampling import sample_rows
 from batchllm.engine.sampling import sample
 from batchllm.io.row_params import row_params
+from batchllm.job.rows import RowBlock
+from batchllm.job.units import PlannedRows, split_plan, unit_sequences
+from batchllm.prefix_tree.plan import make_plan
+from batchllm.prefix_tree.seqs import TokenSeqs
 
 JOB = SamplingParams(max_new_tokens=8)
 SETTINGS = [  # (params value, the flags of a whole job with those settings)
@@ -157,3 +162,18 @@ def test_a_parquet_struct_field_of_the_wrong_type_is_a_row_error(job):
     out = run(job, "typed.out.parquet", "--params-column", "params", inp="typed.parquet")
     assert out[0]["error"] == "params temperature must be a number, got 'warm'"
     assert out[1]["error"] is None and out[1]["output_tokens"] <= 2
+
+
+def test_work_units_carry_each_rows_settings_through_cuts_and_resumes():
+    rng = np.random.default_rng(0)
+    head = rng.integers(0, 500, 40)
+    prompts = [np.concatenate([head, rng.integers(0, 500, 5)]).astype(np.int32) for _ in range(12)]
+    params = [SamplingParams(temperature=i / 10, max_new_tokens=8) for i in range(12)]
+    n = len(prompts)
+    block = RowBlock(np.arange(n, dtype=np.int64), pa.array(range(n)), None,
+                     np.array([len(p) for p in prompts], np.int32), [None] * n)  # fmt: skip
+    planned = PlannedRows(block, prompts, list(range(n)), 8, params)
+    units = split_plan(make_plan(TokenSeqs.from_lists(prompts), dedup=False), planned, workers=3)
+    for unit in units + [u.without(u.rows.row_index[:2]) for u in units if len(u) > 2]:
+        rows = [s for s in unit_sequences(unit) if s.is_row]
+        assert all(s.params is params[int(unit.rows.row_index[s.index])] for s in rows)

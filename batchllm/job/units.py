@@ -106,6 +106,7 @@ class WorkUnit:
             rows=self.rows.take(kept),
             token_ids=[self.token_ids[i] for i in kept.tolist()],
             keys=[self.keys[i] for i in kept.tolist()],
+            params=None if self.params is None else [self.params[i] for i in kept.tolist()],
             rep=rep,
             order=np.asarray(order, dtype=np.int64),
             row_node=self.row_node[kept],
