@@ -36,11 +36,21 @@ def run(
     column: Annotated[str, Opt(help="Column holding each row's text.")] = "text",
     id_column: Annotated[str | None, Opt(help="Column passed through as the output id.")] = None,
     keep_columns: Annotated[str, Opt(help="Comma-separated input columns copied to the output.")] = "",
-    format: Annotated[str | None, Opt(help="parquet | jsonl (default: from the extension).")] = None,
+    format: Annotated[str | None, Opt(help="parquet | jsonl | openai (default: from the extension).")] = None,
+    params_column: Annotated[
+        str | None, Opt(help="Column of per-row settings: max_tokens, temperature, top_p, top_k, seed, stop.")
+    ] = None,
+    messages_column: Annotated[
+        str | None,
+        Opt(help="Column of conversations (list of {role, content}), rendered with the chat template."),
+    ] = None,
     chat: Annotated[
         bool, Opt(help="Apply the chat template: prefix as system, text as user message.")
     ] = False,
     output: Annotated[Path | None, Opt(help="Output Parquet (default: <input stem>.out.parquet).")] = None,
+    output_dir: Annotated[
+        Path | None, Opt(help="One output per input file, at its path below the dataset (not with --output).")
+    ] = None,
     run_dir: Annotated[Path | None, Opt(help="Run directory (default: <output>.run/).")] = None,
     fresh: Annotated[bool, Opt(help="Discard an earlier run in the run directory.")] = False,
     max_new_tokens: Annotated[int, Opt(help="Most tokens generated per row.")] = 256,
@@ -94,6 +104,7 @@ def plan(
     model: Annotated[str, Opt(help="Model directory or hub id (only its tokenizer and config are read).")],
     prefix: Annotated[Path | None, Opt(help="File put before every row's text.")] = None,
     column: Annotated[str, Opt()] = "text",
+    messages_column: Annotated[str | None, Opt(help="As for run.")] = None,
     format: Annotated[str | None, Opt()] = None,
     chat: Annotated[bool, Opt()] = False,
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
@@ -116,6 +127,7 @@ def plan(
             output=Path("unused.parquet"),
             format=format,
             column=column,
+            messages_column=messages_column,
             prefix=read_prefix(prefix) if prefix is not None else None,
             chat=chat,
             sampling=SamplingParams(max_new_tokens=max_new_tokens),

@@ -70,7 +70,7 @@ class JobSpec:
     input: Path
     model: str
     output: Path
-    format: str | None = None  # parquet | jsonl; None: from the extension
+    format: str | None = None  # parquet | jsonl | openai; None: from the extension (and first line)
     column: str = "text"
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
@@ -86,6 +86,9 @@ class JobSpec:
     checkpoint_seconds: float = 60.0  # ...and at least this often
     workers: int | None = None  # engine workers; None: 1, or every GPU of the Ray cluster at ray_address
     ray_address: str | None = None  # join this Ray cluster ("auto", "ray://host:10001"); None: local
+    params_column: str | None = None  # a column of per-row sampling settings (io.row_params)
+    messages_column: str | None = None  # a column of conversations, rendered with the chat template
+    output_dir: Path | None = None  # one output file per input file here (``output`` is then this directory)
 
     def __post_init__(self) -> None:
         if self.workers is not None:
@@ -93,7 +96,7 @@ class JobSpec:
         if self.ray_address is not None and not check_str("ray-address", self.ray_address).strip():
             raise SettingError("ray-address", "must not be empty")
         if self.format is not None:
-            _check_choice("format", self.format, ("parquet", "jsonl"))
+            _check_choice("format", self.format, ("parquet", "jsonl", "openai"))
         self._check_columns()
         check_bool("chat", self.chat)
         check_bool("progress", self.progress)
@@ -110,6 +113,10 @@ class JobSpec:
         check_str("column", self.column)
         if self.id_column is not None:
             check_str("id-column", self.id_column)
+        if self.messages_column is not None:
+            check_str("messages-column", self.messages_column)
+        if self.params_column is not None:
+            check_str("params-column", self.params_column)
         seen: set[str] = set()
         for name in check_strings("keep-columns", self.keep_columns):
             if name in seen:

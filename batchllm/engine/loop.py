@@ -126,8 +126,7 @@ class Engine:
             num_output = step.num_output + 1
         else:
             seqs, tokens_array, num_output = self._append_to_live(seqs, tokens, step.num_output)
-        lists = [seq.token_ids for seq in seqs] if self.stopper.params.stop else []
-        for i, reason in self.stopper.check_batch(tokens_array, num_output, lists).items():
+        for i, reason in self.stopper.check_seqs(tokens_array, num_output, seqs).items():
             sched.finish(seqs[i], reason)
             on_finish(seqs[i])
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.row_sampling import sample_rows
 from batchllm.engine.sampling import sample
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
@@ -56,7 +57,11 @@ class ModelRunner:
         if not len(inputs.logit_rows):
             return torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
-        keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
+        seqs = step.sampled_seqs
+        if any(seq.params is not None for seq in seqs):  # rows with their own settings (--params-column)
+            rows = [seq.params or self.sampling for seq in seqs]
+            return sample_rows(logits, rows, [seq.sample_key for seq in seqs], step.num_output)
+        keys = [seq.sample_key for seq in seqs] if not self.sampling.greedy else []
         return sample(logits, self.sampling, keys, step.num_output)
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:

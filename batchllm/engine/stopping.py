@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchllm.config import SamplingParams
+from batchllm.scheduler.seq import Seq
 
 
 class StopChecker:
@@ -43,12 +44,30 @@ class StopChecker:
         reasons.update((int(i), "length") for i in np.flatnonzero(length))
         return reasons
 
-    def text(self, output_ids: list[int]) -> str:
-        """The decoded output, cut before the first stop string."""
+    def check_seqs(self, tokens: np.ndarray, num_output: np.ndarray, seqs: list[Seq]) -> dict[int, str]:
+        """``check_batch`` for these rows, each with its own max tokens and stop strings where it has
+        them (``Seq.params``)."""
+        if all(seq.params is None for seq in seqs):
+            lists = [seq.token_ids for seq in seqs] if self.params.stop else []
+            return self.check_batch(tokens, num_output, lists)
+        params = [seq.params or self.params for seq in seqs]
+        stop = np.isin(tokens, self._eos_array)
+        for i, (p, seq) in enumerate(zip(params, seqs)):
+            if p.stop and not stop[i]:
+                tail = max(len(s.encode()) for s in p.stop) + 8
+                stop[i] = self._hits_stop(seq.token_ids[-min(tail, int(num_output[i])) :], p.stop)
+        limits = np.fromiter((p.max_new_tokens for p in params), dtype=np.int64, count=len(params))
+        length = ~stop & (num_output >= limits)
+        reasons = {int(i): "stop" for i in np.flatnonzero(stop)}
+        reasons.update((int(i), "length") for i in np.flatnonzero(length))
+        return reasons
+
+    def text(self, output_ids: list[int], params: SamplingParams | None = None) -> str:
+        """The decoded output, cut before the first stop string (of ``params``, else the job's)."""
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        cuts = [i for i in (text.find(s) for s in (params or self.params).stop) if i >= 0]
         return text[: min(cuts)] if cuts else text
 
-    def _hits_stop(self, last_ids: list[int]) -> bool:
+    def _hits_stop(self, last_ids: list[int], stop: tuple[str, ...] | None = None) -> bool:
         tail = self.tokenizer.decode(last_ids, skip_special_tokens=True)
-        return any(s in tail for s in self.params.stop)
+        return any(s in tail for s in (stop or self.params.stop))

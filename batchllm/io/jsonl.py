@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from batchllm.errors import JobError
-from batchllm.io.source import InputSource, PythonRows, RowBatch, check_columns, needed_columns, python_text
+from batchllm.io.source import InputSource, PythonRows, RowBatch, check_columns, needed_columns, python_value
 
 _SCAN_ROWS = 65536  # JSONL rows parsed at a time while validating
 _MAX_BLOCK = 2**31 - 1  # pyarrow.json block sizes are int32
@@ -33,14 +33,17 @@ class JsonlSource(InputSource):
         texts: list[str | None] = []
         errors: list[str | None] = []
         for row, line_error in zip(rows, parsed.errors):
-            text, error = (None, line_error) if line_error else python_text(row.get(self.column))
+            text, error = (
+                (None, line_error) if line_error else python_value(row.get(self.column), self.messages)
+            )
             texts.append(text)
             errors.append(error)
         ids = self._python_column(rows, self.id_column) if self.id_column else None
         keep = None
         if self.keep_columns:
             keep = pa.table({k: self._python_column(rows, k) for k in self.keep_columns})
-        return RowBatch(start, self._ids(start, len(rows), ids), texts, errors, keep)
+        params = [r.get(self.params_column) for r in rows] if self.params_column else None
+        return RowBatch(start, self._ids(start, len(rows), ids), texts, errors, keep, params)
 
     def _python_column(self, rows: list[dict], name: str) -> pa.Array:
         return pa.array([r.get(name) for r in rows], type=self.schema.field(name).type)
@@ -169,17 +172,22 @@ def _merge_types(old: pa.DataType | None, new: pa.DataType | None) -> pa.DataTyp
         return None
 
 
-def open_jsonl(path: Path, column: str, id_column: str | None, keep: tuple[str, ...]) -> JsonlSource:
+def open_jsonl(
+    path: Path, column: str, id_column: str | None, keep: tuple[str, ...], params_column: str | None = None
+) -> JsonlSource:
     try:
         num_rows, types = _scan_jsonl(path)
     except OSError as e:
         raise JobError(f"cannot read {path}: {e.strerror or e}") from e
     columns = list(types)
     check_columns(path, columns, column, id_column, keep)
+    if params_column is not None and params_column not in columns:
+        raise JobError(f"params column {params_column!r} not found in {path}")
     fields = []
-    for name in needed_columns(column, id_column, keep):
+    for name in needed_columns(column, id_column, keep, params_column):
         kind = types[name]
-        if kind is None and name != column:
+        if kind is None and name not in (column, params_column):
             raise JobError(f"column {name!r} in {path} holds values of incompatible types; it cannot be kept")
         fields.append((name, kind or pa.string()))  # mixed-type text: chunks with non-strings parse slowly
-    return JsonlSource(path, num_rows, columns, column, id_column, keep, pa.schema(fields))
+    schema = pa.schema(fields)
+    return JsonlSource(path, num_rows, columns, column, id_column, keep, schema, params_column=params_column)

@@ -28,6 +28,8 @@ def input_fingerprint(source: InputSource) -> dict:
         for text, err in zip(batch.texts, batch.text_errors):
             digest.update(b"\x01" if text is None else b"\x00" + text.encode("utf-8", "surrogatepass"))
             digest.update((err or "").encode())
+        if batch.params is not None:  # rows' own settings change their outputs too
+            digest.update(json.dumps(batch.params, default=str, sort_keys=True).encode())
     stat = source.path.stat()
     return {
         "path": str(source.path.resolve()),
@@ -64,7 +66,9 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "keep_columns": list(job.keep_columns),
         "prefix_hash": _text_hash(job.prefix),
         "chat": job.chat,
-        "chat_template_hash": _text_hash(chat_template) if job.chat else None,
+        "chat_template_hash": _text_hash(chat_template) if job.chat or job.messages_column else None,
+        "messages_column": job.messages_column,
+        "params_column": job.params_column,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
     }
 

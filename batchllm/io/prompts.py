@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from batchllm.errors import JobError
+from batchllm.io.messages import conversation
 
 logger = logging.getLogger(__name__)
 ENCODE_BATCH_ROWS = 4096
@@ -25,18 +26,21 @@ class PromptBatch:
 
 class Prompter:
     """plain: prompt = prefix + text, tokenized with the tokenizer's defaults (its special tokens too).
-    chat: the chat template renders [system: prefix (when given), user: text] plus the generation prompt;
+    chat: the chat template renders [system: prefix (when given), user: text] plus the generation prompt
+    (messages: the row's own conversation, the prefix as its system message when it has none);
     the rendered string already holds every special token, so it is tokenized without adding more
     (what `apply_chat_template(tokenize=True)` does)."""
 
-    def __init__(self, tokenizer: Any, prefix: str | None, chat: bool) -> None:
-        if chat and not getattr(tokenizer, "chat_template", None):
+    def __init__(self, tokenizer: Any, prefix: str | None, chat: bool, messages: bool = False) -> None:
+        if (chat or messages) and not getattr(tokenizer, "chat_template", None):
+            flag = "--messages-column" if messages else "--chat"
             raise JobError(
-                "--chat needs a tokenizer with a chat template, and this model's tokenizer has none"
+                f"{flag} needs a tokenizer with a chat template, and this model's tokenizer has none"
             )
         self.tokenizer = tokenizer
         self.prefix = prefix
-        self.chat = chat
+        self.chat = chat or messages
+        self.messages = messages  # texts are conversations as JSON (io.messages), rendered as they are
 
     def render(self, texts: list[str]) -> list[str]:
         """The prompt strings for these texts."""
@@ -44,7 +48,10 @@ class Prompter:
             prefix = self.prefix or ""
             return [prefix + t for t in texts]
         system = [{"role": "system", "content": self.prefix}] if self.prefix is not None else []
-        conversations = [[*system, {"role": "user", "content": t}] for t in texts]
+        if self.messages:
+            conversations = [conversation(t, self.prefix) for t in texts]
+        else:
+            conversations = [[*system, {"role": "user", "content": t}] for t in texts]
         if not conversations:
             return []
         return self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.errors import JobError
+from batchllm.io.messages import arrow_conversations, python_conversation
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class RowBatch:
     texts: list[str | None]  # None where the text is unusable; text_errors says why
     text_errors: list[str | None]
     keep: pa.Table | None  # the keep columns, None when none were asked for
+    params: list | None = None  # each row's --params-column value (Python), None without that column
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -50,6 +52,8 @@ class InputSource(ABC):
     column: str
     id_column: str | None
     keep_columns: tuple[str, ...]
+    messages: bool = field(default=False, kw_only=True)  # `column` holds conversations (io.messages)
+    params_column: str | None = field(default=None, kw_only=True)  # per-row sampling settings
 
     @abstractmethod
     def _tables(self, rows_per_batch: int, start: int) -> Iterator[pa.Table | PythonRows]:
@@ -71,7 +75,8 @@ class InputSource(ABC):
         return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
 
     def _batch_from_table(self, start: int, table: pa.Table) -> RowBatch:
-        texts, errors = _arrow_texts(table.column(self.column))
+        column = table.column(self.column)
+        texts, errors = arrow_conversations(column) if self.messages else _arrow_texts(column)
         ids = table.column(self.id_column).combine_chunks() if self.id_column else None
         if ids is not None:
             ids = _valid_utf8(ids, f"id column {self.id_column!r}", errors)
@@ -80,7 +85,8 @@ class InputSource(ABC):
             column = _valid_utf8(keep.column(name).combine_chunks(), f"keep column {name!r}", errors)
             keep = keep.set_column(i, name, column)
         texts = [None if e else t for t, e in zip(texts, errors)]  # a row with an error is not generated
-        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep)
+        params = table.column(self.params_column).to_pylist() if self.params_column else None
+        return RowBatch(start, self._ids(start, len(texts), ids), texts, errors, keep, params)
 
     def _batch_from_rows(self, start: int, rows: PythonRows) -> RowBatch:
         raise NotImplementedError  # only JSONL falls back to parsed Python rows
@@ -122,6 +128,11 @@ def _valid_utf8(values: pa.Array, what: str, errors: list[str | None]) -> pa.Arr
     return pa.array(fixed, type=values.type)
 
 
+def python_value(value: object, messages: bool) -> tuple[str | None, str | None]:
+    """A JSONL row's text (or conversation, as canonical JSON) and its error."""
+    return python_conversation(value) if messages else python_text(value)
+
+
 def python_text(value: object) -> tuple[str | None, str | None]:
     if isinstance(value, str):
         return value, None
@@ -134,8 +145,11 @@ def python_text(value: object) -> tuple[str | None, str | None]:
     return None, f"text is not a string ({kind})"
 
 
-def needed_columns(column: str, id_column: str | None, keep: tuple[str, ...]) -> list[str]:
-    return list(dict.fromkeys([column, *([id_column] if id_column else []), *keep]))
+def needed_columns(
+    column: str, id_column: str | None, keep: tuple[str, ...], params_column: str | None = None
+) -> list[str]:
+    extra = [c for c in (id_column, params_column) if c]
+    return list(dict.fromkeys([column, *extra, *keep]))
 
 
 def check_columns(

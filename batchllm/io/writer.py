@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 
 from batchllm.errors import JobError
 from batchllm.io.faults import crash_point
+from batchllm.io.openai_output import write_batch_output
+from batchllm.io.output_file import OutputPart, is_jsonl, write_jsonl
 from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 
 logger = logging.getLogger(__name__)
@@ -146,9 +148,13 @@ class RunDir:
                 tables.append(table)
         return tables
 
-    def assemble(self, output: Path, num_rows: int) -> None:
-        """Write every committed row, in input order, to `output` atomically. An empty input needs one
-        empty shard (a zero-row result_table) so the output's schema is known."""
+    def assemble(
+        self, output: Path, num_rows: int, parts: Sequence[OutputPart] = (), batch_model: str | None = None
+    ) -> None:
+        """Write every committed row, in input order, to `output` atomically (Parquet, or JSON Lines for
+        a ``.jsonl`` name), or each of ``parts`` to its own file. An empty input needs one empty shard
+        (a zero-row result_table) so the output's schema is known. With ``batch_model``, each part is
+        written in the OpenAI batch output shape (``io.openai_output``)."""
         output = Path(output)
         committed = list_shards(self.shards)
         shards = self.verified_tables()
@@ -166,8 +172,14 @@ class RunDir:
         index = table.column("row_index").to_numpy()
         check_complete(index, num_rows, output)
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
-        _write_atomic(lambda f: pq.write_table(table, f), output, what="the output")
-        logger.info("wrote %d rows to %s", table.num_rows, output)
+        for part in parts or [OutputPart(output, 0, num_rows)]:
+            piece = table.slice(part.start, part.stop - part.start)
+            if batch_model is not None:
+                write_batch_output(piece, part.path, batch_model, _write_atomic)
+                continue
+            write = lambda f, t=piece, p=part.path: _write_output(t, f, p)  # noqa: E731
+            _write_atomic(write, part.path, what="the output")
+            logger.info("wrote %d rows to %s", piece.num_rows, part.path)
 
     def remove_output_leftovers(self, output: Path) -> None:
         """Remove the temp files a killed assembly left beside ``output`` (of processes now gone)."""
@@ -237,6 +249,10 @@ def _write_atomic(write: Callable[[BinaryIO], None], path: Path, what: str) -> N
     except (OSError, pa.ArrowException) as e:
         _unlink_quietly(tmp)
         raise JobError(f"cannot write {what} {path}: {_reason(e)}") from e
+
+
+def _write_output(table: pa.Table, f: BinaryIO, path: Path) -> None:
+    write_jsonl(table, f) if is_jsonl(path) else pq.write_table(table, f)
 
 
 def _pid_alive(pid: int) -> bool:

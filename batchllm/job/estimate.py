@@ -10,10 +10,9 @@ import numpy as np
 
 from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
-from batchllm.io.reader import open_input
 from batchllm.job.assignment import simulate
 from batchllm.job.units import PlannedRows, split_plan
-from batchllm.job.windows import Window, read_windows, row_keys
+from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import Plan, PlanStats, make_plan
@@ -22,20 +21,22 @@ from batchllm.prefix_tree.seqs import TokenSeqs
 
 def plan_job(job: JobSpec) -> dict:
     """The plan figures of the whole job (its windows combined), as ``batchllm run`` would plan it."""
-    source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+    source = open_job_input(job)
     model_path = resolve_model_path(job.model)
     mcfg = load_model_config(model_path)
-    prompter = Prompter(load_tokenizer(model_path), job.prefix, job.chat)
+    prompter = Prompter(load_tokenizer(model_path), job.prefix, job.chat, source.messages)
     skip = np.zeros(source.num_rows, dtype=bool)
     windows = read_windows(
-        source, prompter, job.window_rows, job.sampling.max_new_tokens, mcfg.max_position_embeddings, skip
-    )
+        source, prompter, job.window_rows, job.sampling.max_new_tokens, mcfg.max_position_embeddings, skip,
+        job.sampling,
+    )  # fmt: skip
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     share = job.engine.prefix_sharing
     per_worker: dict[str, dict[str, int]] = {}
     for window in windows:
         prompts = [window.token_ids[i] for i in window.runnable()]
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and window.params is None  # as run.py plans it
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         stats.append(plan.stats)
         if (job.workers or 1) > 1:
             _add_workers(per_worker, _worker_estimate(job, window, plan))

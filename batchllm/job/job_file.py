@@ -18,13 +18,15 @@ import typer
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
 from batchllm.errors import JobError, SettingError
+from batchllm.io.dataset import input_stem
+from batchllm.io.openai_batch import is_batch_file
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PATH_KEYS = ("input", "prefix", "output", "run_dir", "report")
+PATH_KEYS = ("input", "prefix", "output", "run_dir", "report", "output_dir")
 LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
 
 
@@ -133,7 +135,7 @@ def _job_spec(p: Settings) -> JobSpec:
     return JobSpec(
         input=inp,
         model=str(p["model"]),
-        output=Path(p["output"]) if p["output"] else Path.cwd() / f"{inp.stem}.out.parquet",
+        output=_output(p, inp),
         format=p["format"],
         column=p["column"],
         id_column=p["id_column"],
@@ -150,7 +152,23 @@ def _job_spec(p: Settings) -> JobSpec:
         checkpoint_seconds=p["checkpoint_seconds"],
         workers=p["workers"],
         ray_address=p["ray_address"],
+        output_dir=Path(p["output_dir"]) if p.values.get("output_dir") else None,
+        messages_column=p.values.get("messages_column"),
+        params_column=p.values.get("params_column"),
     )
+
+
+def _output(p: Settings, inp: Path) -> Path:
+    """--output, or with --output-dir that directory (each input file's output goes inside it)."""
+    output_dir = p.values.get("output_dir")
+    if output_dir and p["output"]:
+        raise JobError("give --output or --output-dir, not both")
+    if output_dir:
+        return Path(output_dir)
+    if p["output"]:
+        return Path(p["output"])
+    batch = p["format"] == "openai" or (p["format"] is None and inp.suffix == ".jsonl" and is_batch_file(inp))
+    return Path.cwd() / f"{input_stem(inp)}.out.{'jsonl' if batch else 'parquet'}"
 
 
 def _sampling(p: Settings) -> SamplingParams:

@@ -20,11 +20,11 @@ from batchllm.config import JobSpec
 from batchllm.engine.loop import EngineStats
 from batchllm.engine.placement import resolved_settings
 from batchllm.errors import Interrupted
+from batchllm.io.dataset import output_parts
 from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
-from batchllm.io.reader import open_input
 from batchllm.io.run_lock import RunLock
 from batchllm.io.run_marker import check_paths, check_recognised, clear, mark
 from batchllm.io.writer import RunDir, check_output
@@ -38,7 +38,7 @@ from batchllm.job.report import GROUP_KEYS
 from batchllm.job.rows import RowBlock
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import PlannedRows, split_plan
-from batchllm.job.windows import Window, read_windows, row_keys
+from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
 from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
@@ -92,11 +92,12 @@ class Job:
             from batchllm.distributed.ray_executor import import_ray
 
             import_ray()
-        self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+        self.source = open_job_input(job)
+        self.parts = output_parts(self.source, job.output, job.output_dir)
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        self.prompter = Prompter(tokenizer, job.prefix, job.chat, self.source.messages)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -109,8 +110,9 @@ class Job:
         """Check where the run writes, lock the run directory, end what a killed run left, and with
         ``fresh`` remove the tool's files of an earlier run (nothing else)."""
         job = self.job
-        check_paths(job.input, job.output, job.run_dir)
-        check_output(job.output)
+        for part in self.parts:
+            check_paths(job.input, part.path, job.run_dir)
+            check_output(part.path)
         check_recognised(job.run_dir)
         lock = RunLock.acquire(job.run_dir)
         try:
@@ -126,8 +128,9 @@ class Job:
     def _open(self, model_path: Path, tokenizer) -> None:
         job = self.job
         self.run_dir = RunDir(job.run_dir)
-        self.run_dir.ensure_writable(job.output)
-        self.run_dir.remove_output_leftovers(job.output)
+        self.run_dir.ensure_writable(self.parts[0].path)
+        for part in self.parts:
+            self.run_dir.remove_output_leftovers(part.path)
         self.metrics = MetricsLog(job.run_dir)
         template = getattr(tokenizer, "chat_template", None)
         self._claim(output_settings(job, model_path, template, resolved_settings(job.engine)))
@@ -183,7 +186,8 @@ class Job:
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
-        windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
+        source, prompter, rows = self.source, self.prompter, job.window_rows
+        windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling)
         try:
             for number in itertools.count():
                 started = time.perf_counter()
@@ -215,10 +219,12 @@ class Job:
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and window.params is None  # rows' own settings: never merged
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
-        keys = row_keys(job.sampling.seed, window.ids, runnable)
-        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
+        keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
+        params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
+        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens, params)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
@@ -269,7 +275,8 @@ class Job:
         started = time.perf_counter()
         if self.out.rows == 0:
             self.run_dir.commit(RowBlock.empty(self.source).error_table())
-        self.run_dir.assemble(self.job.output, self.out.rows)
+        batch_model = self.job.model if getattr(self.source, "batch_output", False) else None
+        self.run_dir.assemble(self.job.output, self.out.rows, self.parts, batch_model)
         self.out.phase("write", time.perf_counter() - started)
 
     def _end(self, status: str) -> None:

@@ -123,7 +123,7 @@ class UnitWorker:
         stopper = self.host.stopper
 
         def on_finish(seq: Seq) -> None:
-            text, n_out, reason = stopper.text(seq.output_ids), seq.num_output, seq.finish_reason
+            text, n_out, reason = stopper.text(seq.output_ids, seq.params), seq.num_output, seq.finish_reason
             counts = results.finish(seq.index, text, n_out, seq.cached_tokens, reason)
             for dup in dups.get(seq.index, ()):
                 counts.add(results.finish(dup, text, n_out, int(unit.rows.prompt_tokens[dup]), reason))

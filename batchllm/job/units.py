@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from batchllm.config import SamplingParams
 from batchllm.job.rows import RowBlock
 from batchllm.prefix_tree.nodes import node_levels, subtree_reduce
 from batchllm.prefix_tree.plan import Plan
@@ -45,6 +46,7 @@ class WorkUnit:
     node_tokens: list[np.ndarray]  # [nodes] each prefix's tokens, from the start of the prompt
     node_keys: tuple[int, ...]  # [nodes] each prefix's content key (see prefix_key), the same on any unit
     work: int  # predicted, see the module docstring
+    params: list[SamplingParams | None] | None = None  # [rows] a row's own settings (None: the job's)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -104,6 +106,7 @@ class WorkUnit:
             rows=self.rows.take(kept),
             token_ids=[self.token_ids[i] for i in kept.tolist()],
             keys=[self.keys[i] for i in kept.tolist()],
+            params=None if self.params is None else [self.params[i] for i in kept.tolist()],
             rep=rep,
             order=np.asarray(order, dtype=np.int64),
             row_node=self.row_node[kept],
@@ -151,7 +154,8 @@ def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Ite
     for row in unit.order.tolist():
         node_id = int(unit.row_node[row])
         yield from node_seq(node_id)
-        yield Seq.row(row, unit.token_ids[row].tolist(), nodes.get(node_id), unit.keys[row])
+        params = unit.params[row] if unit.params is not None else None
+        yield Seq.row(row, unit.token_ids[row].tolist(), nodes.get(node_id), unit.keys[row], params)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,6 +166,7 @@ class PlannedRows:
     token_ids: list[np.ndarray]
     keys: list[int]
     max_new_tokens: int
+    params: list[SamplingParams | None] | None = None
 
 
 def split_plan(plan: Plan, planned: PlannedRows, workers: int, prefix: str = "u") -> list[WorkUnit]:
@@ -254,6 +259,7 @@ def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) 
         node_tokens=node_tokens,
         node_keys=tuple(prefix_key(t) for t in node_tokens),
         work=work + reps.size * planned.max_new_tokens,
+        params=None if planned.params is None else [planned.params[i] for i in members.tolist()],
     )
 
 

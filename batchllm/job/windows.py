@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from batchllm.config import JobSpec, SamplingParams
 from batchllm.engine.sampling import row_key
 from batchllm.io.prompts import Prompter
+from batchllm.io.reader import open_input
+from batchllm.io.row_params import row_params
 from batchllm.io.source import InputSource
 from batchllm.job.rows import RowBlock
 
@@ -22,6 +25,7 @@ class Window:
     token_ids: list[np.ndarray | None]
     errors: list[str | None]  # a row-level error, or None when the row can run
     skip: np.ndarray  # bool [rows]: committed by an earlier attempt
+    params: list[SamplingParams | None] | None = None  # [rows] a row's own settings (None: the job's)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -53,6 +57,14 @@ class Window:
         )
 
 
+def open_job_input(job: JobSpec) -> InputSource:
+    """The job's input: its text column, or its messages column; its params column."""
+    column, messages = job.messages_column or job.column, job.messages_column is not None
+    return open_input(
+        job.input, job.format, column, job.id_column, job.keep_columns, messages, job.params_column, job.model
+    )
+
+
 def read_windows(
     source: InputSource,
     prompter: Prompter,
@@ -60,20 +72,37 @@ def read_windows(
     max_new_tokens: int,
     max_positions: int,
     skip: np.ndarray,
+    sampling: SamplingParams | None = None,
 ) -> Iterator[Window]:
-    """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized."""
+    """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized. Rows
+    with a ``--params-column`` value get their own settings from ``sampling`` (the job's)."""
     for batch in source.iter_batches(rows_per_batch=window_rows):
         done = skip[batch.start : batch.start + len(batch)]
         if done.all():
             continue
-        texts = [None if d else t for t, d in zip(batch.texts, done)]
-        text_errors = [e or ("skipped" if d else None) for e, d in zip(batch.text_errors, done)]
-        prompts = prompter.encode(texts, text_errors)
-        errors = [
-            err or length_error(ids, max_new_tokens, max_positions)
-            for ids, err in zip(prompts.token_ids, prompts.errors)
+        cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests: capped, not refused
+        params, param_errors = _params(batch.params, sampling, len(batch), cap)
+        texts = [None if d or p else t for t, d, p in zip(batch.texts, done, param_errors)]
+        text_errors = [
+            e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
         ]
-        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors, done)
+        prompts = prompter.encode(texts, text_errors)
+        max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * len(batch)]
+        errors = [
+            err or length_error(ids, row_max_new, max_positions)
+            for ids, err, row_max_new in zip(prompts.token_ids, prompts.errors, max_new)
+        ]
+        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors, done, params)
+
+
+def _params(
+    values: list | None, sampling: SamplingParams | None, n: int, cap: bool = False
+) -> tuple[list[SamplingParams | None] | None, list[str | None]]:
+    """Each row's settings (None: the job's) and the error of a row whose value is wrong."""
+    if values is None or sampling is None:
+        return None, [None] * n
+    pairs = [row_params(v, sampling, cap) for v in values]
+    return [p for p, _ in pairs], [e for _, e in pairs]
 
 
 def length_error(token_ids: np.ndarray | None, max_new_tokens: int, max_positions: int) -> str | None:
@@ -88,6 +117,12 @@ def length_error(token_ids: np.ndarray | None, max_new_tokens: int, max_position
     return None
 
 
-def row_keys(seed: int, ids: pa.Array, rows: np.ndarray) -> list[int]:
+def row_keys(
+    seed: int, ids: pa.Array, rows: np.ndarray, params: list[SamplingParams | None] | None = None
+) -> list[int]:
+    """Each row's random stream key: from its id and the job's seed, or its own ``seed`` param."""
     values = ids.take(pa.array(rows)).to_pylist()
-    return [row_key(seed, v) for v in values]
+    if params is None:
+        return [row_key(seed, v) for v in values]
+    seeds = [seed if params[i] is None else params[i].seed for i in rows.tolist()]
+    return [row_key(s, v) for s, v in zip(seeds, values)]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchllm.config import SamplingParams
 
 
 class SeqKind(enum.Enum):
@@ -39,13 +43,23 @@ class Seq:
     finish_reason: str | None = None
     preemptions: int = 0
     slot: int | None = None  # its slot in the scheduler's BatchState while it runs
+    params: SamplingParams | None = None  # ROW: its own sampling settings (None: the engine's)
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
 
     @classmethod
-    def row(cls, index: int, prompt: list[int], parent: Seq | None = None, sample_key: int = 0) -> Seq:
-        return cls(SeqKind.ROW, index, list(prompt), len(prompt), parent, sample_key=sample_key)
+    def row(
+        cls,
+        index: int,
+        prompt: list[int],
+        parent: Seq | None = None,
+        sample_key: int = 0,
+        params: SamplingParams | None = None,
+    ) -> Seq:
+        return cls(
+            SeqKind.ROW, index, list(prompt), len(prompt), parent, sample_key=sample_key, params=params
+        )
 
     @classmethod
     def prefix(cls, node: int, tokens: list[int], parent: Seq | None = None, pending_rows: int = 0) -> Seq:
