@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.logprobs import gather_logprobs
+from batchllm.engine.sampled import Sampled
 from batchllm.engine.sampling import sample
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
@@ -38,9 +40,9 @@ class ModelRunner:
         self.staging = Staging(self.device)
 
     @torch.inference_mode()
-    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
-        """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order
-        (int64, on the device; reading it is the step's one device->host sync)."""
+    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> Sampled:
+        """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order (int64,
+        on the device), with their raw logprobs under ``--logprobs`` (``Sampled.read`` is the one sync)."""
         self._copy_blocks(step.block_copies)
         inputs = step_inputs(step, self.block_size)
         dev = self.staging.send(inputs.host_arrays())
@@ -51,10 +53,13 @@ class ModelRunner:
         meta = self._metadata(step, inputs, dev)
         hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
         if not len(inputs.logit_rows):
-            return torch.empty(0, dtype=torch.long, device=self.device)
+            return Sampled(torch.empty(0, dtype=torch.long, device=self.device))
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
-        return sample(logits, self.sampling, keys, step.num_output)
+        tokens = sample(logits, self.sampling, keys, step.num_output)
+        if not self.sampling.logprobs:
+            return Sampled(tokens)
+        return Sampled.of(tokens, gather_logprobs(logits, tokens, self.sampling.logprobs))
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""

@@ -66,6 +66,7 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "chat": job.chat,
         "chat_template_hash": _text_hash(chat_template) if job.chat else None,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
+        **({"explode_samples": True} if job.explode_samples else {}),  # absent: manifests before the flag
     }
 
 

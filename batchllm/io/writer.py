@@ -146,9 +146,12 @@ class RunDir:
                 tables.append(table)
         return tables
 
-    def assemble(self, output: Path, num_rows: int) -> None:
+    def assemble(
+        self, output: Path, num_rows: int, finish: Callable[[pa.Table], pa.Table] | None = None
+    ) -> None:
         """Write every committed row, in input order, to `output` atomically. An empty input needs one
-        empty shard (a zero-row result_table) so the output's schema is known."""
+        empty shard (a zero-row result_table) so the output's schema is known. ``finish`` reshapes the
+        ordered table last (``--explode-samples``)."""
         output = Path(output)
         committed = list_shards(self.shards)
         shards = self.verified_tables()
@@ -166,6 +169,8 @@ class RunDir:
         index = table.column("row_index").to_numpy()
         check_complete(index, num_rows, output)
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
+        if finish is not None:
+            table = finish(table)
         _write_atomic(lambda f: pq.write_table(table, f), output, what="the output")
         logger.info("wrote %d rows to %s", table.num_rows, output)
 

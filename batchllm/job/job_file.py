@@ -150,6 +150,7 @@ def _job_spec(p: Settings) -> JobSpec:
         checkpoint_seconds=p["checkpoint_seconds"],
         workers=p["workers"],
         ray_address=p["ray_address"],
+        explode_samples=p["explode_samples"],
     )
 
 
@@ -162,6 +163,8 @@ def _sampling(p: Settings) -> SamplingParams:
         max_new_tokens=p["max_new_tokens"],
         stop=tuple(p["stop"] or ()),
         ignore_eos=p["ignore_eos"],
+        n=p["n"],
+        logprobs=p["logprobs"],
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SeqKind(enum.Enum):
@@ -39,6 +40,7 @@ class Seq:
     finish_reason: str | None = None
     preemptions: int = 0
     slot: int | None = None  # its slot in the scheduler's BatchState while it runs
+    logprobs: Any = None  # ROW under --logprobs: its generated tokens' logprobs (engine.sampled.LogprobLog)
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
