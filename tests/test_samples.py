@@ -225,3 +225,23 @@ def test_plan_command_counts_sample_sequences(tmp_path, tiny_models, make_rows):
     assert figures[4]["unique_prompt_tokens"] == figures[1]["unique_prompt_tokens"]
     # shared prefixes are still computed once (a row's few own tokens may be computed per sample)
     assert figures[4]["prefill_tokens_planned"] < 1.5 * figures[1]["prefill_tokens_planned"]
+
+
+def test_packed_readback_and_growing_log():
+    from batchllm.engine.logprobs import gather_logprobs
+    from batchllm.engine.sampled import LogprobLog, Sampled
+
+    logits = torch.randn(3, 50_000)
+    tokens = torch.tensor([49_999, 0, 12_345])
+    assert Sampled(tokens).read() == (tokens.tolist(), None)  # --logprobs 0: the tokens alone
+    got, step = Sampled.of(tokens, gather_logprobs(logits, tokens, 4)).read()
+    want = torch.log_softmax(logits, dim=-1)
+    assert got == tokens.tolist()
+    np.testing.assert_allclose(step.chosen, want[torch.arange(3), tokens].numpy(), atol=1e-6)
+    assert step.top_ids.tolist() == want.topk(4).indices.tolist()
+    log = LogprobLog(4, capacity=2)
+    for t in range(37):  # past several doublings
+        log.append(t, step, t % 3)
+    assert log.size == 37 and log.ids[:37].tolist() == list(range(37))
+    np.testing.assert_array_equal(log.top_ids[:37], step.top_ids[np.arange(37) % 3])
+    assert log.total() == pytest.approx(float(step.chosen[np.arange(37) % 3].astype(np.float64).sum()))
