@@ -60,6 +60,13 @@ def run(
     seed: Annotated[int, Opt(help="Seed of every row's random stream.")] = 0,
     stop: Annotated[list[str] | None, Opt(help="Stop string (repeatable); output cut before it.")] = None,
     ignore_eos: Annotated[bool, Opt(help="Do not stop at EOS (benchmarks).")] = False,
+    n: Annotated[int, Opt("--n", help="Samples per row (needs --temperature > 0).")] = 1,
+    logprobs: Annotated[
+        int, Opt(help="Per generated token: its logprob and the top K alternatives (0..20; 0: off).")
+    ] = 0,
+    explode_samples: Annotated[
+        bool, Opt(help="One output row per sample (sample_index column) instead of list columns.")
+    ] = False,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, Opt(help="auto | float32 | bfloat16 | float16")] = "auto",
     token_budget: Annotated[int, Opt(help="New tokens per engine step.")] = 8192,
@@ -108,6 +115,7 @@ def plan(
     format: Annotated[str | None, Opt()] = None,
     chat: Annotated[bool, Opt()] = False,
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
+    n: Annotated[int, Opt("--n", help="As for run: every row planned as N sample sequences.", min=1)] = 1,
     prefix_sharing: Annotated[bool, Opt()] = True,
     window: Annotated[int, Opt(help="As for run.")] = 0,
     workers: Annotated[
@@ -130,7 +138,7 @@ def plan(
             messages_column=messages_column,
             prefix=read_prefix(prefix) if prefix is not None else None,
             chat=chat,
-            sampling=SamplingParams(max_new_tokens=max_new_tokens),
+            sampling=SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=1.0 if n > 1 else 0.0),
             engine=EngineConfig(prefix_sharing=prefix_sharing),
             window_rows=window,
             workers=workers,

@@ -19,6 +19,8 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # samples per row (--n); > 1 needs temperature > 0
+    logprobs: int = 0  # top alternatives reported per generated token (--logprobs); 0: none, no column
 
     def __post_init__(self) -> None:
         if check_number("temperature", self.temperature) < 0:
@@ -32,6 +34,11 @@ class SamplingParams:
         if any(s == "" for s in self.stop):
             raise SettingError("stop", "strings must not be empty")
         check_bool("ignore-eos", self.ignore_eos)
+        check_int("n", self.n, minimum=1)
+        if self.n > 1 and self.greedy:
+            raise SettingError("n", f"> 1 needs --temperature > 0 (greedy samples are equal), got {self.n}")
+        if not 0 <= check_int("logprobs", self.logprobs) <= 20:
+            raise SettingError("logprobs", f"must be in 0..20, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +96,7 @@ class JobSpec:
     params_column: str | None = None  # a column of per-row sampling settings (io.row_params)
     messages_column: str | None = None  # a column of conversations, rendered with the chat template
     output_dir: Path | None = None  # one output file per input file here (``output`` is then this directory)
+    explode_samples: bool = False  # one output row per sample (with sample_index) instead of list columns
 
     def __post_init__(self) -> None:
         if self.workers is not None:
@@ -100,6 +108,7 @@ class JobSpec:
         self._check_columns()
         check_bool("chat", self.chat)
         check_bool("progress", self.progress)
+        check_bool("explode-samples", self.explode_samples)
         check_int("checkpoint-rows", self.checkpoint_rows, minimum=1)
         if check_number("checkpoint-seconds", self.checkpoint_seconds) <= 0:
             raise SettingError("checkpoint-seconds", f"must be > 0, got {self.checkpoint_seconds}")

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.sampled import LogprobLog, Sampled, StepLogprobs
 from batchllm.engine.stopping import StopChecker
 from batchllm.errors import Interrupted
 from batchllm.scheduler.scheduler import Scheduler, Step
@@ -58,7 +58,7 @@ class Launched:
     """A step under way on the device, and its sampled tokens once they are read."""
 
     step: Step
-    sampled: torch.Tensor  # int64 [rows sampled], on the device
+    sampled: Sampled  # its tokens (int64 [rows sampled]) on the device, and logprobs if asked for
     epoch: int  # the batch state's epoch after the step was launched: its slots are valid while equal
     finished: int  # rows finished before the step was launched
 
@@ -98,7 +98,7 @@ class Engine:
                 self._retire(pending, on_finish)
                 pending = None
                 continue
-            sampled = self.runner.launch(step, pending.sampled if pending else None)
+            sampled = self.runner.launch(step, pending.sampled.tokens if pending else None)
             sched.after_step(step)
             launched = Launched(step, sampled, sched.batch.epoch, sched.num_finished)
             if pending is not None:
@@ -115,7 +115,7 @@ class Engine:
     def _retire(self, launched: Launched, on_finish: Callable[[Seq], None]) -> None:
         """Each sampled token joins its row (rows finished meanwhile drop theirs); rows that now stop
         are finished."""
-        tokens = launched.sampled.tolist()  # the step's one device->host sync
+        tokens, logprobs = launched.sampled.read()  # the step's one device->host sync
         step, sched = launched.step, self.scheduler
         seqs = step.sampled_seqs
         if sched.num_finished == launched.finished and sched.batch.epoch == launched.epoch:
@@ -124,18 +124,21 @@ class Engine:
             tokens_array = np.asarray(tokens, dtype=np.int64)
             sched.batch.last_token[step.slots[step.sample]] = tokens_array
             num_output = step.num_output + 1
+            live = range(len(seqs))
         else:
-            seqs, tokens_array, num_output = self._append_to_live(seqs, tokens, step.num_output)
+            live = [i for i, seq in enumerate(seqs) if seq.finish_reason is None]
+            seqs, tokens_array, num_output = self._append_to_live(seqs, tokens, step.num_output, live)
+        if logprobs is not None:
+            _record_logprobs(seqs, [tokens[i] for i in live], logprobs, live)
         for i, reason in self.stopper.check_seqs(tokens_array, num_output, seqs).items():
             sched.finish(seqs[i], reason)
             on_finish(seqs[i])
 
     def _append_to_live(
-        self, seqs: list[Seq], tokens: list[int], num_output: np.ndarray
+        self, seqs: list[Seq], tokens: list[int], num_output: np.ndarray, live: list[int]
     ) -> tuple[list[Seq], np.ndarray, np.ndarray]:
-        """The slow path of ``_retire``: rows finished since the launch drop their token, and each
-        row's slot is looked up again. Returns the live rows, their tokens and output counts."""
-        live = [i for i, seq in enumerate(seqs) if seq.finish_reason is None]
+        """The slow path of ``_retire``: rows finished since the launch (all but ``live``) drop their
+        token, and each row's slot is looked up again. Returns the live rows, their tokens and counts."""
         batch = self.scheduler.batch
         for i in live:
             seq = seqs[i]
@@ -143,3 +146,12 @@ class Engine:
             if seq.slot is not None:  # a preempted row has none
                 batch.last_token[seq.slot] = tokens[i]
         return [seqs[i] for i in live], np.asarray(tokens, dtype=np.int64)[live], num_output[live] + 1
+
+
+def _record_logprobs(seqs: list[Seq], tokens: list[int], step: StepLogprobs, index) -> None:
+    """Each live row keeps its new token's logprobs (``index``: their positions among the step's rows)."""
+    k = step.top_ids.shape[1]
+    for seq, token, i in zip(seqs, tokens, index):
+        if seq.logprobs is None:
+            seq.logprobs = LogprobLog(k)
+        seq.logprobs.append(token, step, i)

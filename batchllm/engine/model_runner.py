@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.logprobs import gather_logprobs
 from batchllm.engine.row_sampling import sample_rows
+from batchllm.engine.sampled import Sampled
 from batchllm.engine.sampling import sample
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
@@ -42,9 +44,9 @@ class ModelRunner:
         self.staging = Staging(self.device)
 
     @torch.inference_mode()
-    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
-        """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order
-        (int64, on the device; reading it is the step's one device->host sync)."""
+    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> Sampled:
+        """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order (int64,
+        on the device), with their raw logprobs under ``--logprobs`` (``Sampled.read`` is the one sync)."""
         self._copy_blocks(step.block_copies)
         inputs = step_inputs(step, self.block_size)
         dev = self.staging.send(inputs.host_arrays())
@@ -55,14 +57,19 @@ class ModelRunner:
         meta = self._metadata(step, inputs, dev)
         hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
         if not len(inputs.logit_rows):
-            return torch.empty(0, dtype=torch.long, device=self.device)
+            return Sampled(torch.empty(0, dtype=torch.long, device=self.device))
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
-        seqs = step.sampled_seqs
+        tokens = self._sample(step.sampled_seqs, logits, step.num_output)
+        if not self.sampling.logprobs:
+            return Sampled(tokens)
+        return Sampled.of(tokens, gather_logprobs(logits, tokens, self.sampling.logprobs))
+
+    def _sample(self, seqs: list, logits: torch.Tensor, num_output) -> torch.Tensor:
         if any(seq.params is not None for seq in seqs):  # rows with their own settings (--params-column)
             rows = [seq.params or self.sampling for seq in seqs]
-            return sample_rows(logits, rows, [seq.sample_key for seq in seqs], step.num_output)
+            return sample_rows(logits, rows, [seq.sample_key for seq in seqs], num_output)
         keys = [seq.sample_key for seq in seqs] if not self.sampling.greedy else []
-        return sample(logits, self.sampling, keys, step.num_output)
+        return sample(logits, self.sampling, keys, num_output)
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""

@@ -70,6 +70,7 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "messages_column": job.messages_column,
         "params_column": job.params_column,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
+        **({"explode_samples": True} if job.explode_samples else {}),  # absent: manifests before the flag
     }
 
 

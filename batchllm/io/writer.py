@@ -149,12 +149,18 @@ class RunDir:
         return tables
 
     def assemble(
-        self, output: Path, num_rows: int, parts: Sequence[OutputPart] = (), batch_model: str | None = None
+        self,
+        output: Path,
+        num_rows: int,
+        parts: Sequence[OutputPart] = (),
+        batch_model: str | None = None,
+        finish: Callable[[pa.Table], pa.Table] | None = None,
     ) -> None:
         """Write every committed row, in input order, to `output` atomically (Parquet, or JSON Lines for
         a ``.jsonl`` name), or each of ``parts`` to its own file. An empty input needs one empty shard
         (a zero-row result_table) so the output's schema is known. With ``batch_model``, each part is
-        written in the OpenAI batch output shape (``io.openai_output``)."""
+        written in the OpenAI batch output shape (``io.openai_output``). ``finish`` reshapes each
+        ordered part last (``--explode-samples``)."""
         output = Path(output)
         committed = list_shards(self.shards)
         shards = self.verified_tables()
@@ -174,6 +180,8 @@ class RunDir:
         table = table.take(np.argsort(index, kind="stable")).drop_columns(["row_index"])
         for part in parts or [OutputPart(output, 0, num_rows)]:
             piece = table.slice(part.start, part.stop - part.start)
+            if finish is not None:
+                piece = finish(piece)
             if batch_model is not None:
                 write_batch_output(piece, part.path, batch_model, _write_atomic)
                 continue

@@ -11,6 +11,7 @@ import numpy as np
 from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
 from batchllm.job.assignment import simulate
+from batchllm.job.samples import expand_samples
 from batchllm.job.units import PlannedRows, split_plan
 from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
@@ -34,7 +35,7 @@ def plan_job(job: JobSpec) -> dict:
     share = job.engine.prefix_sharing
     per_worker: dict[str, dict[str, int]] = {}
     for window in windows:
-        prompts = [window.token_ids[i] for i in window.runnable()]
+        prompts = [window.token_ids[i] for i in window.runnable() for _ in range(job.sampling.n)]
         dedup = share and job.sampling.greedy and window.params is None  # as run.py plans it
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         stats.append(plan.stats)
@@ -46,8 +47,9 @@ def plan_job(job: JobSpec) -> dict:
     total = PlanStats.combine(stats).to_dict()
     return {
         **total,
-        "rows": total["rows"] + failed,
-        "rows_ok": total["rows"],
+        "rows": total["rows"] // job.sampling.n + failed,
+        "rows_ok": total["rows"] // job.sampling.n,
+        "sequences": total["rows"],  # rows_ok x --n: the sample sequences the plan runs
         "rows_failed": failed,
         "prefill_flops_with_sharing": flops_shared,
         "prefill_flops_without_sharing": flops_plain,
@@ -61,7 +63,9 @@ def _worker_estimate(job: JobSpec, window: Window, plan: Plan) -> dict[str, dict
     runnable = window.runnable()
     prompts = [window.token_ids[i] for i in runnable]
     keys = row_keys(job.sampling.seed, window.ids, runnable)
-    planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
+    n, seed = job.sampling.n, job.sampling.seed
+    block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, n, seed)
+    planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens)
     return simulate(split_plan(plan, planned, job.workers), job.workers)
 
 

@@ -155,6 +155,7 @@ def _job_spec(p: Settings) -> JobSpec:
         output_dir=Path(p["output_dir"]) if p.values.get("output_dir") else None,
         messages_column=p.values.get("messages_column"),
         params_column=p.values.get("params_column"),
+        explode_samples=p["explode_samples"],
     )
 
 
@@ -180,6 +181,8 @@ def _sampling(p: Settings) -> SamplingParams:
         max_new_tokens=p["max_new_tokens"],
         stop=tuple(p["stop"] or ()),
         ignore_eos=p["ignore_eos"],
+        n=p["n"],
+        logprobs=p["logprobs"],
     )
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 
 from batchllm.errors import Interrupted
 from batchllm.io.writer import RunDir
@@ -24,6 +25,7 @@ class UnitResults:
         every_seconds: float,
         on_commit: Callable[[RowCounts], None],
         may_commit: Callable[[], bool] = lambda: True,
+        extra_columns: Callable[[np.ndarray], dict[str, pa.Array]] | None = None,
     ) -> None:
         n = len(rows)
         self.rows = rows
@@ -39,6 +41,7 @@ class UnitResults:
         self._on_commit = on_commit
         self._may_commit = may_commit
         self._last_commit = time.monotonic()
+        self._extra_columns = extra_columns  # rows -> more columns for their shard (--n, --logprobs)
 
     def finish(self, row: int, text: str, output_tokens: int, cached: int, reason: str) -> RowCounts:
         """Record a finished row; returns its counts."""
@@ -71,6 +74,8 @@ class UnitResults:
             self.cached_tokens[rows],
             [self.finish_reason[i] for i in rows],
         )
+        for name, column in (self._extra_columns(rows) if self._extra_columns else {}).items():
+            table = table.append_column(name, column)
         self.run_dir.commit(table)
         self._pending = []
         counts = RowCounts.of_table(table)

@@ -27,6 +27,7 @@ from batchllm.io.metrics import MetricsLog
 from batchllm.io.prompts import Prompter
 from batchllm.io.run_lock import RunLock
 from batchllm.io.run_marker import check_paths, check_recognised, clear, mark
+from batchllm.io.sample_columns import explode_samples, pad_columns
 from batchllm.io.writer import RunDir, check_output
 from batchllm.job.counters import RowCounts
 from batchllm.job.executor import Executor, LocalExecutor
@@ -36,6 +37,7 @@ from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS
 from batchllm.job.rows import RowBlock
+from batchllm.job.samples import expand_samples
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import PlannedRows, split_plan
 from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
@@ -210,7 +212,7 @@ class Job:
         job, out = self.job, self.out
         failed = window.failed()
         if failed.size:
-            table = window.block(failed).error_table()
+            table = pad_columns(window.block(failed).error_table(), job.sampling)
             self.run_dir.commit(table)
             counts = RowCounts.of_table(table)
             self._committed(counts)
@@ -218,13 +220,17 @@ class Job:
         runnable = window.runnable()
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
+        keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
+        params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
+        n = job.sampling.n
+        block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, n, job.sampling.seed)
+        if params is not None and n > 1:
+            params = [p for p in params for _ in range(n)]
         share = job.engine.prefix_sharing
         dedup = share and job.sampling.greedy and window.params is None  # rows' own settings: never merged
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
-        keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
-        params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
-        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens, params)
+        planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
@@ -274,9 +280,10 @@ class Job:
     def _write(self) -> None:
         started = time.perf_counter()
         if self.out.rows == 0:
-            self.run_dir.commit(RowBlock.empty(self.source).error_table())
+            self.run_dir.commit(pad_columns(RowBlock.empty(self.source).error_table(), self.job.sampling))
         batch_model = self.job.model if getattr(self.source, "batch_output", False) else None
-        self.run_dir.assemble(self.job.output, self.out.rows, self.parts, batch_model)
+        finish = explode_samples if self.job.explode_samples else None
+        self.run_dir.assemble(self.job.output, self.out.rows, self.parts, batch_model, finish)
         self.out.phase("write", time.perf_counter() - started)
 
     def _end(self, status: str) -> None:

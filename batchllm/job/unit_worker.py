@@ -19,6 +19,7 @@ from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
 from batchllm.job.live_prefixes import LivePrefixes
 from batchllm.job.results import UnitResults
+from batchllm.job.sample_results import SampleGather, gathering_finisher
 from batchllm.job.units import WorkUnit, unit_sequences
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
@@ -86,12 +87,9 @@ class UnitWorker:
         preemptions = engine.scheduler.num_preemptions
         seqs = list(unit_sequences(unit, self.live.seqs))
         self.live.update(unit, seqs, keep, engine.scheduler)
-        results = UnitResults(
-            unit.rows, self.run_dir, self.job.checkpoint_rows, self.job.checkpoint_seconds,
-            lambda counts: calls.on_commit(counts, engine.stats.prefill_tokens), calls.may_commit,
-        )  # fmt: skip
+        results, finisher = self._results(unit, calls, engine)
         try:
-            stats = engine.run(seqs, self._finisher(unit, results, calls), calls.should_stop)
+            stats = engine.run(seqs, finisher, calls.should_stop)
         except BaseException:
             self._engine = None  # rows left mid-flight: the next unit starts on a fresh engine
             self.live.clear()
@@ -116,6 +114,25 @@ class UnitWorker:
             self.live.clear()
             engine = self._engine = self.host.engine(needed, least)
         return engine
+
+    def _results(
+        self, unit: WorkUnit, calls: UnitCalls, engine: Engine
+    ) -> tuple[UnitResults, Callable[[Seq], None]]:
+        """Where the unit's finished rows go, and what to call as each sequence finishes (samples and
+        logprobs are gathered per row when ``--n`` or ``--logprobs`` asks for them)."""
+        sampling = self.job.sampling
+        gather = None
+        if sampling.n > 1 or sampling.logprobs:
+            gather = SampleGather(unit.rows, sampling, self.host.stopper.tokenizer)
+        results = UnitResults(
+            gather.rows if gather else unit.rows, self.run_dir, self.job.checkpoint_rows,
+            self.job.checkpoint_seconds, lambda counts: calls.on_commit(counts, engine.stats.prefill_tokens),
+            calls.may_commit, gather.columns if gather else None,
+        )  # fmt: skip
+        if gather is None:
+            return results, self._finisher(unit, results, calls)
+        stopper = self.host.stopper
+        return results, gathering_finisher(gather, results, unit.duplicates(), stopper, calls.on_rows)
 
     def _finisher(self, unit: WorkUnit, results: UnitResults, calls: UnitCalls) -> Callable[[Seq], None]:
         """What happens when a row finishes: its text (and its duplicates') recorded, maybe committed."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from batchllm.config import SamplingParams
 from batchllm.job.rows import RowBlock
+from batchllm.job.samples import align_pieces
 from batchllm.prefix_tree.nodes import node_levels, subtree_reduce
 from batchllm.prefix_tree.plan import Plan
 from batchllm.scheduler.block_pool import blocks_for
@@ -178,7 +179,10 @@ def split_plan(plan: Plan, planned: PlannedRows, workers: int, prefix: str = "u"
         return [_unit(plan, planned, f"{prefix}0", 0, n)]
     cut = _Cut(plan, planned.max_new_tokens)
     cut.target = max(1, cut.total // (UNITS_PER_WORKER * workers))
-    return [_unit(plan, planned, f"{prefix}{i}", s, e) for i, (s, e, _) in enumerate(cut.pieces(0))]
+    pieces = [(s, e) for s, e, _ in cut.pieces(0)]
+    if planned.rows.sample is not None:  # a row's samples commit together: never split them
+        pieces = align_pieces(pieces, planned.rows.row_index[plan.row_order])
+    return [_unit(plan, planned, f"{prefix}{i}", s, e) for i, (s, e) in enumerate(pieces)]
 
 
 class _Cut:

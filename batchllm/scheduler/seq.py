@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batchllm.config import SamplingParams
@@ -44,6 +44,7 @@ class Seq:
     preemptions: int = 0
     slot: int | None = None  # its slot in the scheduler's BatchState while it runs
     params: SamplingParams | None = None  # ROW: its own sampling settings (None: the engine's)
+    logprobs: Any = None  # ROW under --logprobs: its generated tokens' logprobs (engine.sampled.LogprobLog)
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
