@@ -148,14 +148,10 @@ class RunDir:
                 tables.append(table)
         return tables
 
-    def assemble(
-        self,
-        output: Path,
-        num_rows: int,
-        parts: Sequence[OutputPart] = (),
-        batch_model: str | None = None,
+    def assemble(  # noqa: PLR0913
+        self, output: Path, num_rows: int, parts: Sequence[OutputPart] = (), batch_model: str | None = None,
         finish: Callable[[pa.Table], pa.Table] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """Write every committed row, in input order, to `output` atomically (Parquet, or JSON Lines for
         a ``.jsonl`` name), or each of ``parts`` to its own file. An empty input needs one empty shard
         (a zero-row result_table) so the output's schema is known. With ``batch_model``, each part is
