@@ -38,9 +38,12 @@ class ModelRunner:
         self.staging = Staging(self.device)
 
     @torch.inference_mode()
-    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
+    def launch(
+        self, step: Step, prev_sampled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order
-        (int64, on the device; reading it is the step's one device->host sync)."""
+        (int64, on the device; reading it is the step's one device->host sync). ``mask``: allowed
+        tokens of the sampled rows, a packed CPU bitmask (structured output), or None."""
         self._copy_blocks(step.block_copies)
         inputs = step_inputs(step, self.block_size)
         dev = self.staging.send(inputs.host_arrays())
@@ -54,7 +57,7 @@ class ModelRunner:
             return torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
-        return sample(logits, self.sampling, keys, step.num_output)
+        return sample(logits, self.sampling, keys, step.num_output, mask)
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""
