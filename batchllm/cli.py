@@ -50,6 +50,17 @@ def run(
     seed: Annotated[int, Opt(help="Seed of every row's random stream.")] = 0,
     stop: Annotated[list[str] | None, Opt(help="Stop string (repeatable); output cut before it.")] = None,
     ignore_eos: Annotated[bool, Opt(help="Do not stop at EOS (benchmarks).")] = False,
+    json_schema: Annotated[
+        Path | None, Opt(help="JSON Schema file: every output is JSON valid under it.")
+    ] = None,
+    regex: Annotated[str | None, Opt(help="Every output matches this regular expression in full.")] = None,
+    grammar: Annotated[Path | None, Opt(help="Lark or GBNF grammar file every output follows.")] = None,
+    schema_column: Annotated[
+        str | None, Opt(help="Column holding each row's own JSON Schema (text).")
+    ] = None,
+    schema_in_prompt: Annotated[
+        bool, Opt(help="With --chat: put the JSON Schema into the system message.")
+    ] = False,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, Opt(help="auto | float32 | bfloat16 | float16")] = "auto",
     token_budget: Annotated[int, Opt(help="New tokens per engine step.")] = 8192,

@@ -20,7 +20,7 @@ forward pass of the same step: the mask depends only on tokens already accepted.
 
 Grammar texts: `json_schema` is a JSON Schema (compact output: `,` and `:` separators, no free
 whitespace; a schema's `"x-guidance"` key can change that), `regex` must match the whole output, and
-`grammar` is a Lark grammar in llguidance's dialect (GBNF converts with `llguidance.gbnf_to_lark`).
+`grammar` is a Lark grammar in llguidance's dialect, or GBNF (converted with `llguidance.gbnf_to_lark`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 from transformers import PreTrainedTokenizerFast
 
 from batchllm.engine.grammar_spec import GRAMMAR_KINDS, GrammarKind, GrammarSpec
@@ -187,7 +188,11 @@ def _grammar_text(spec: GrammarSpec) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
-    return llguidance.LLMatcher.grammar_from_lark(spec.text)
+    try:
+        lark = any_to_lark(spec.text)  # GBNF (llama.cpp's) becomes Lark; Lark stays as it is
+    except GbnfToLarkError as e:
+        raise ValueError(f"invalid {spec.describe()}: {_one_line(str(e))}") from None
+    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 def _one_line(message: str) -> str:

@@ -42,6 +42,11 @@ class GrammarSpec:
                 pass  # compiling reports it
         return hashlib.sha256(f"{self.kind}\0{text}".encode()).hexdigest()
 
+    @property
+    def flag(self) -> str:
+        """The command-line flag that gives this kind."""
+        return self.kind.replace("_", "-")
+
     def describe(self) -> str:
         """A short label for error messages: the kind and the start of the text."""
         head = " ".join(self.text.split())

@@ -17,6 +17,7 @@ from types import NoneType, UnionType
 import typer
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import JobError, SettingError
 
 if sys.version_info >= (3, 11):
@@ -24,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PATH_KEYS = ("input", "prefix", "output", "run_dir", "report")
+PATH_KEYS = ("input", "prefix", "output", "run_dir", "report", "json_schema", "grammar")
 LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
 
 
@@ -118,6 +119,19 @@ def read_prefix(path: Path | str) -> str:
         raise JobError(f"cannot read the prefix file {path}: {e.strerror or e}") from e
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents, or a JobError naming the ``what`` file and what is wrong."""
+    if not path.is_file():
+        problem = "is a directory; give a UTF-8 text file" if path.is_dir() else "does not exist"
+        raise JobError(f"{what} file {path} {problem}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise JobError(f"cannot read the {what} file {path}: {e.strerror or e}") from e
+
+
 def job_spec(p: Settings) -> JobSpec:
     """The JobSpec of ``batchllm run``'s settings; a setting out of range is a JobError naming it."""
     if p["input"] is None or p["model"] is None:
@@ -150,7 +164,25 @@ def _job_spec(p: Settings) -> JobSpec:
         checkpoint_seconds=p["checkpoint_seconds"],
         workers=p["workers"],
         ray_address=p["ray_address"],
+        grammar=_grammar(p),
+        schema_column=p["schema_column"],
+        schema_in_prompt=p["schema_in_prompt"],
     )
+
+
+def _grammar(p: Settings) -> GrammarSpec | None:
+    """The job's output constraint from --json-schema FILE, --regex PATTERN or --grammar FILE."""
+    given = [k for k in ("json_schema", "regex", "grammar") if p[k] is not None]
+    if len(given) > 1:
+        flags = " and ".join("--" + k.replace("_", "-") for k in given)
+        raise JobError(f"{flags} cannot be combined; give one output constraint")
+    if not given:
+        return None
+    kind = given[0]
+    if kind == "regex":
+        return GrammarSpec("regex", p["regex"])
+    what = "JSON schema" if kind == "json_schema" else "grammar"
+    return GrammarSpec(kind, read_text_file(Path(p[kind]), what))
 
 
 def _sampling(p: Settings) -> SamplingParams:

@@ -19,6 +19,7 @@ class RowBlock:
     keep: pa.Table | None  # [rows] kept input columns
     prompt_tokens: np.ndarray  # int32 [rows]: 0 where the row could not be tokenized
     errors: list[str | None]  # [rows]: the row's error, None for a row to generate
+    schemas: list[str | None] | None = None  # [rows]: the row's own JSON Schema (--schema-column)
 
     @classmethod
     def empty(cls, source: InputSource) -> RowBlock:
@@ -44,6 +45,7 @@ class RowBlock:
             None if self.keep is None else self.keep.take(take),
             self.prompt_tokens[rows],
             [self.errors[i] for i in rows.tolist()],
+            None if self.schemas is None else [self.schemas[i] for i in rows.tolist()],
         )
 
     def table(

@@ -31,10 +31,11 @@ from batchllm.io.writer import RunDir, check_output
 from batchllm.job.counters import RowCounts
 from batchllm.job.executor import Executor, LocalExecutor
 from batchllm.job.fence import claim
+from batchllm.job.grammars import JobGrammars, is_constrained, system_prefix
 from batchllm.job.interrupt import StopRequest
 from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
-from batchllm.job.report import GROUP_KEYS
+from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import PlannedRows, split_plan
@@ -96,7 +97,8 @@ class Job:
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        self.prompter = Prompter(tokenizer, system_prefix(job), job.chat)
+        self.grammars = JobGrammars(job, tokenizer, self.mcfg) if is_constrained(job) else None
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -130,7 +132,8 @@ class Job:
         self.run_dir.remove_output_leftovers(job.output)
         self.metrics = MetricsLog(job.run_dir)
         template = getattr(tokenizer, "chat_template", None)
-        self._claim(output_settings(job, model_path, template, resolved_settings(job.engine)))
+        settings = output_settings(job, model_path, template, resolved_settings(job.engine))
+        self._claim(settings | (self.grammars.fingerprint() if self.grammars else {}))
         self.progress = self._progress()
         try:
             self.executor = self._executor(model_path, tokenizer)
@@ -158,7 +161,10 @@ class Job:
     def _executor(self, model_path: Path, tokenizer) -> Executor:
         job = self.job
         if not self.distributed:
-            worker = UnitWorker.open(job, self.run_dir, "local", model_path, self.mcfg, tokenizer, load_model)
+            cache = self.grammars.cache if self.grammars else None
+            worker = UnitWorker.open(
+                job, self.run_dir, "local", model_path, self.mcfg, tokenizer, load_model, cache
+            )
             return LocalExecutor(worker, self.progress)
         from batchllm.distributed.ray_executor import RayExecutor
 
@@ -191,6 +197,7 @@ class Job:
                 out.phase("read", time.perf_counter() - started)
                 if window is None:
                     break
+                window = self.grammars.with_schemas(window) if self.grammars else window
                 self._run_window(window, number)
         except (Interrupted, KeyboardInterrupt):
             self._end("interrupted")
@@ -215,7 +222,8 @@ class Job:
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and job.schema_column is None  # same prompt, other schema
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
         keys = row_keys(job.sampling.seed, window.ids, runnable)
         planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
@@ -282,5 +290,5 @@ class Job:
             unique_prompt_tokens=plan["unique_prompt_tokens"], prefill_tokens_computed=e.prefill_tokens,
             preemptions=out.preemptions, peak_kv_blocks=out.peak_kv_blocks, kv_blocks=out.kv_blocks,
             **{k: plan[k] for k in GROUP_KEYS}, kv_samples=e.kv_samples[-2000:], workers=out.per_worker,
-            worker_retries=out.worker_retries,
+            worker_retries=out.worker_retries, **{k: getattr(e, k) for k in GUIDE_KEYS},
         )  # fmt: skip

@@ -22,6 +22,7 @@ class Window:
     token_ids: list[np.ndarray | None]
     errors: list[str | None]  # a row-level error, or None when the row can run
     skip: np.ndarray  # bool [rows]: committed by an earlier attempt
+    schemas: list[str | None] | None = None  # [rows] each row's JSON Schema text (--schema-column)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -50,6 +51,7 @@ class Window:
             keep=None if self.keep is None else self.keep.take(take),
             prompt_tokens=np.asarray(lengths, dtype=np.int32),
             errors=[self.errors[i] for i in rows.tolist()],
+            schemas=None if self.schemas is None else [self.schemas[i] for i in rows.tolist()],
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SeqKind(enum.Enum):
@@ -39,6 +40,8 @@ class Seq:
     finish_reason: str | None = None
     preemptions: int = 0
     slot: int | None = None  # its slot in the scheduler's BatchState while it runs
+    constraint: Any = None  # ROW: its structured-output matcher (engine.constraints.RowConstraint)
+    error: str | None = None  # ROW: what is wrong with its output (structured output), if anything
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
