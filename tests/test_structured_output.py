@@ -182,3 +182,32 @@ def test_triton_backend_with_a_schema(tmp_path, tiny_models):
     assert code == 0, text
     for row in rows:
         jsonschema.validate(json.loads(row["output"]), SCHEMA)
+
+
+def test_example_job_with_a_json_schema(tmp_path, tiny_models):
+    jobs = Path(__file__).resolve().parent.parent / "jobs"
+    out, schema = tmp_path / "facts.parquet", json.loads((jobs / "schemas" / "review.json").read_text())
+    code, text = run_cli(
+        "--job", jobs / "review_facts.toml", "--model", tiny_models["qwen2"], "--output", out,
+        "--report", tmp_path / "r.json", "--max-new-tokens", "400",
+    )  # fmt: skip
+    assert code == 0, text
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) >= 3
+    for row in rows:
+        jsonschema.validate(json.loads(row["output"]), schema)
+
+
+def test_per_row_schemas_in_the_prompt(tmp_path, tiny_models):
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    small["additionalProperties"] = False
+    schemas = [json.dumps(SCHEMA), json.dumps(small)] * 2
+    flags = ("--chat", "--schema-column", "schema", "--fresh")
+    _, _, hidden, _ = constrained(tmp_path, tiny_models["qwen2"], *flags, texts=TEXTS[:4], schema=schemas)
+    code, text, shown, _ = constrained(
+        tmp_path, tiny_models["qwen2"], *flags, "--schema-in-prompt", texts=TEXTS[:4], schema=schemas
+    )
+    assert code == 0, text
+    for row, before, schema in zip(shown, hidden, schemas):
+        assert row["prompt_tokens"] > before["prompt_tokens"] + len(schema) // 8, row
+        jsonschema.validate(json.loads(row["output"]), json.loads(schema))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from batchllm.config import JobSpec
@@ -75,6 +76,17 @@ class JobGrammars:
         if job.schema_in_prompt:
             found["schema_in_prompt"] = True
         return found
+
+    def row_systems(self) -> Callable[[int, int], list[str | None]] | None:
+        """``systems`` when rows show their own schema in the prompt, else None."""
+        return self.systems if self.column is not None and self.job.schema_in_prompt else None
+
+    def systems(self, start: int, rows: int) -> list[str | None]:
+        """Each row's system message for --schema-column with --schema-in-prompt: the prefix and its
+        schema (just the prefix where the schema is missing)."""
+        batch = next(self.column.iter_batches(rows_per_batch=rows, start=start))
+        prefix = self.job.prefix
+        return [prefix if text is None else schema_system(prefix, text) for text in batch.texts]
 
     def with_schemas(self, window: Window) -> Window:
         """The window with each row's schema text, and a row error for a schema that is missing or bad."""

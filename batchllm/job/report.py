@@ -166,6 +166,13 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),
     ]
+    if report.get("constrained_rows"):
+        rows.append(
+            (
+                "constrained rows / masked steps / forced tokens",
+                " / ".join(f"{report[k]:,}" for k in GUIDE_KEYS),
+            )
+        )
     if report.get("metrics_lines_skipped"):
         rows.append(("metrics lines skipped (unreadable)", f"{report['metrics_lines_skipped']:,}"))
     for name, value in rows + _worker_rows(report):

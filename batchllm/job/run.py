@@ -189,7 +189,10 @@ class Job:
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
-        windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
+        systems = self.grammars.row_systems() if self.grammars else None
+        windows = read_windows(
+            self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done, systems=systems
+        )
         try:
             for number in itertools.count():
                 started = time.perf_counter()

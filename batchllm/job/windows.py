@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +62,18 @@ def read_windows(
     max_new_tokens: int,
     max_positions: int,
     skip: np.ndarray,
+    systems: Callable[[int, int], list[str | None]] | None = None,
 ) -> Iterator[Window]:
-    """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized."""
+    """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized.
+    ``systems(start, rows)``: each row's own system message (chat), when rows have their own."""
     for batch in source.iter_batches(rows_per_batch=window_rows):
         done = skip[batch.start : batch.start + len(batch)]
         if done.all():
             continue
         texts = [None if d else t for t, d in zip(batch.texts, done)]
         text_errors = [e or ("skipped" if d else None) for e, d in zip(batch.text_errors, done)]
-        prompts = prompter.encode(texts, text_errors)
+        own = systems(batch.start, len(batch)) if systems is not None else None
+        prompts = prompter.encode(texts, text_errors, own)
         errors = [
             err or length_error(ids, max_new_tokens, max_positions)
             for ids, err in zip(prompts.token_ids, prompts.errors)
