@@ -211,3 +211,12 @@ def test_per_row_schemas_in_the_prompt(tmp_path, tiny_models):
     for row, before, schema in zip(shown, hidden, schemas):
         assert row["prompt_tokens"] > before["prompt_tokens"] + len(schema) // 8, row
         jsonschema.validate(json.loads(row["output"]), json.loads(schema))
+
+
+def test_stop_strings_still_end_constrained_rows(tmp_path, tiny_models):
+    flags = ("--json-schema", str(schema_file(tmp_path)), "--stop", ',"tier"')
+    code, text, rows, _ = constrained(tmp_path, tiny_models["llama"], *flags, texts=TEXTS[:2])
+    assert code == 0, text
+    for row in rows:
+        assert row["finish_reason"] == "stop" and row["output"].startswith('{"name":"'), row
+        assert '"active":' in row["output"] and "tier" not in row["output"], row
