@@ -2,6 +2,9 @@
 
     python benchmarks/bench_structured.py                   # best of 3, torch's thread count
     python benchmarks/bench_structured.py --threads 2 --json structured.json
+    python benchmarks/bench_structured.py --rows 16 --repeats 1    # a busy machine
+
+Run it from the repository root with `PYTHONPATH=$PWD` to time a worktree's batchllm.
 
 Workload and model: `bench_cpu.py`'s (64 rows under one ~600-token instruction, 8 groups; a ~20M
 Llama-shaped random model, vocab 4096, float32, CPU; greedy). Systems, each a whole `job.run.run`
@@ -115,6 +118,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--rows", type=int, default=64, help="the first N rows of the workload (a busy machine)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,6 +130,7 @@ def main() -> None:
         workdir = Path(tmp)
         model_dir = bench_cpu.make_model(workdir)
         work = bench_cpu.make_workload(AutoTokenizer.from_pretrained(model_dir))
+        work = bench_cpu.Workload(work.prefix, work.texts[: args.rows])
         schema = replace(
             job(model_dir, work, workdir, "schema", MAX_NEW),
             grammar=GrammarSpec("json_schema", json.dumps(SCHEMA)),
