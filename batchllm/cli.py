@@ -67,6 +67,17 @@ def run(
     explode_samples: Annotated[
         bool, Opt(help="One output row per sample (sample_index column) instead of list columns.")
     ] = False,
+    json_schema: Annotated[
+        Path | None, Opt(help="JSON Schema file: every output is JSON valid under it.")
+    ] = None,
+    regex: Annotated[str | None, Opt(help="Every output matches this regular expression in full.")] = None,
+    grammar: Annotated[Path | None, Opt(help="Lark or GBNF grammar file every output follows.")] = None,
+    schema_column: Annotated[
+        str | None, Opt(help="Column holding each row's own JSON Schema (text).")
+    ] = None,
+    schema_in_prompt: Annotated[
+        bool, Opt(help="With --chat: put the JSON Schema into the system message.")
+    ] = False,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, Opt(help="auto | float32 | bfloat16 | float16")] = "auto",
     token_budget: Annotated[int, Opt(help="New tokens per engine step.")] = 8192,

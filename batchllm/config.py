@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import SettingError
 
 
@@ -97,8 +98,12 @@ class JobSpec:
     messages_column: str | None = None  # a column of conversations, rendered with the chat template
     output_dir: Path | None = None  # one output file per input file here (``output`` is then this directory)
     explode_samples: bool = False  # one output row per sample (with sample_index) instead of list columns
+    grammar: GrammarSpec | None = None  # every row's output must match it (--json-schema/--regex/--grammar)
+    schema_column: str | None = None  # column of per-row JSON Schema texts
+    schema_in_prompt: bool = False  # with chat: the JSON Schema text goes into the system message
 
     def __post_init__(self) -> None:
+        self._check_grammar()
         if self.workers is not None:
             check_int("workers", self.workers, minimum=1)
         if self.ray_address is not None and not check_str("ray-address", self.ray_address).strip():
@@ -117,6 +122,20 @@ class JobSpec:
             object.__setattr__(self, "window_rows", default_window_rows())
         if self.run_dir is None:
             object.__setattr__(self, "run_dir", self.output.with_name(self.output.name + ".run"))
+
+    def _check_grammar(self) -> None:
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise SettingError("json-schema", f"must be a GrammarSpec, got {self.grammar!r}")
+        if self.schema_column is not None:
+            if not check_str("schema-column", self.schema_column):
+                raise SettingError("schema-column", "must not be empty")
+            if self.grammar is not None:
+                raise SettingError("schema-column", f"cannot be combined with --{self.grammar.flag}")
+        if check_bool("schema-in-prompt", self.schema_in_prompt):
+            if not self.chat:
+                raise SettingError("schema-in-prompt", "needs --chat (the schema goes in the system message)")
+            if self.schema_column is None and (self.grammar is None or self.grammar.kind != "json_schema"):
+                raise SettingError("schema-in-prompt", "needs --json-schema or --schema-column")
 
     def _check_columns(self) -> None:
         check_str("column", self.column)

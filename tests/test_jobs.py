@@ -13,7 +13,7 @@ from batchllm.cli import app
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-@pytest.mark.parametrize("name", ["review_sentiment.toml", "summarize_chat.toml"])
+@pytest.mark.parametrize("name", ["review_sentiment.toml", "summarize_chat.toml", "review_facts.toml"])
 def test_example_job_runs(tmp_path, tiny_models, name):
     out = tmp_path / "out.parquet"
     result = CliRunner().invoke(

@@ -20,63 +20,34 @@ forward pass of the same step: the mask depends only on tokens already accepted.
 
 Grammar texts: `json_schema` is a JSON Schema (compact output: `,` and `:` separators, no free
 whitespace; a schema's `"x-guidance"` key can change that), `regex` must match the whole output, and
-`grammar` is a Lark grammar in llguidance's dialect (GBNF converts with `llguidance.gbnf_to_lark`).
+`grammar` is a Lark grammar in llguidance's dialect, or GBNF (converted with `llguidance.gbnf_to_lark`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 from transformers import PreTrainedTokenizerFast
 
-logger = logging.getLogger(__name__)
+from batchllm.engine.grammar_spec import GRAMMAR_KINDS, GrammarKind, GrammarSpec
+from batchllm.engine.token_mask import allocate_bitmask, apply_mask
 
-GrammarKind = Literal["json_schema", "regex", "grammar"]
-GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "grammar")
+__all__ = [
+    "GRAMMAR_KINDS", "CompiledGrammar", "GrammarCache", "GrammarKind", "GrammarSpec", "RowConstraint",
+    "allocate_bitmask", "apply_mask", "fill_mask",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
 # JSON as a model should write it: no runs of whitespace a sampler could wander into.
 _JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What a row's output must match: `kind` is json_schema | regex | grammar, `text` its source."""
-
-    kind: GrammarKind
-    text: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in GRAMMAR_KINDS:
-            raise ValueError(
-                f"unknown grammar kind {self.kind!r}; expected one of {', '.join(GRAMMAR_KINDS)}"
-            )
-        if not isinstance(self.text, str):
-            raise ValueError(f"{self.kind} must be text, got {type(self.text).__name__}")
-
-    @property
-    def digest(self) -> str:
-        """A stable hash (hex sha256) of kind and text; JSON schemas are hashed in compact form, so
-        whitespace does not matter (key order does: it is the order the fields are generated in)."""
-        text = self.text
-        if self.kind == "json_schema":
-            try:
-                text = json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
-            except ValueError:
-                pass  # compiling reports it
-        return hashlib.sha256(f"{self.kind}\0{text}".encode()).hexdigest()
-
-    def describe(self) -> str:
-        """A short label for error messages: the kind and the start of the text."""
-        head = " ".join(self.text.split())
-        return f"{self.kind} {head[:40]!r}{'...' if len(head) > 40 else ''}"
 
 
 @dataclass(frozen=True)
@@ -186,12 +157,6 @@ class GrammarCache:
         return CompiledGrammar(spec, matcher, self._executor)
 
 
-def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    """A CPU int32 bitmask [rows, ceil(vocab_size / 32)], all allowed; pinned where CUDA is."""
-    shape = (rows, (vocab_size + 31) // 32)
-    return torch.full(shape, -1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
-
-
 def fill_mask(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor) -> bool:
     """Write row i's allowed tokens into `bitmask[i]` (bit j of word k: token 32 k + j) for each row
     of a step; rows whose constraint is None get all bits set. Returns whether any row is constrained
@@ -211,25 +176,6 @@ def fill_mask(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor
     return True
 
 
-def apply_mask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set `logits[i, j]` to -inf where bit j of `bitmask[i]` is 0, in place, on the logits' device.
-
-    `logits`: float [rows, vocab]; `bitmask`: int32 [rows, >= ceil(vocab / 32)], on any device (it
-    is copied to the logits' device, asynchronously from pinned memory: refill it only after the
-    step's sampled ids are read back, which waits for the copy). Rows with all bits set stay as they
-    were. Call it before temperature, top-k and top-p, so they see only the allowed tokens.
-    """
-    rows, vocab = logits.shape
-    if bitmask.shape[0] != rows or bitmask.shape[1] * 32 < vocab:
-        raise ValueError(f"bitmask {tuple(bitmask.shape)} does not cover logits {tuple(logits.shape)}")
-    words = bitmask.to(logits.device, non_blocking=True).contiguous()
-    # Bytes of an int32 are little-endian on CPUs and GPUs alike: token j is bit j % 8 of byte j // 8.
-    as_bytes = words.view(torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    allowed = ((as_bytes.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, :vocab]
-    logits.masked_fill_(allowed == 0, float("-inf"))
-
-
 def _grammar_text(spec: GrammarSpec) -> str:
     """The spec as an llguidance grammar; ValueError for text that is not even JSON."""
     if spec.kind == "json_schema":
@@ -242,7 +188,11 @@ def _grammar_text(spec: GrammarSpec) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
-    return llguidance.LLMatcher.grammar_from_lark(spec.text)
+    try:
+        lark = any_to_lark(spec.text)  # GBNF (llama.cpp's) becomes Lark; Lark stays as it is
+    except GbnfToLarkError as e:
+        raise ValueError(f"invalid {spec.describe()}: {_one_line(str(e))}") from None
+    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 def _one_line(message: str) -> str:

@@ -5,6 +5,10 @@ With ``overlap`` (the default on CUDA) step n+1 is scheduled, prepared and launc
 still runs step n; only then does the loop read step n's sampled tokens, its one device->host sync.
 A row that stops at step n has then run one more token in step n+1; that token is dropped. Without
 overlap (the CPU) the same code retires each step right after launching it.
+
+Structured output (a ``Guide``): a constrained row's mask for step n+1 needs step n's token, so a run
+whose work holds any constrained row runs without overlap; its forced tokens (jump-forward) join the
+row at retire and are computed in the next step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchllm.engine.guide import Guide
 from batchllm.engine.model_runner import ModelRunner
 from batchllm.engine.sampled import LogprobLog, Sampled, StepLogprobs
 from batchllm.engine.stopping import StopChecker
@@ -31,6 +36,9 @@ class EngineStats:
     prompt_step_seconds: float = 0.0  # wall time of steps that carried prompt tokens (mixed ones too)
     decode_step_seconds: float = 0.0  # wall time of steps of decode tokens only
     kv_samples: list[tuple[float, int]] = field(default_factory=list)  # (time, blocks in use)
+    constrained_rows: int = 0  # rows with an output grammar
+    masked_steps: int = 0  # steps that applied a grammar mask
+    forced_tokens: int = 0  # tokens a grammar forced (jump-forward), appended without sampling
 
     def add(self, other: EngineStats) -> None:
         self.steps += other.steps
@@ -39,6 +47,14 @@ class EngineStats:
         self.prompt_step_seconds += other.prompt_step_seconds
         self.decode_step_seconds += other.decode_step_seconds
         self.kv_samples.extend(other.kv_samples)
+        self.constrained_rows += other.constrained_rows
+        self.masked_steps += other.masked_steps
+        self.forced_tokens += other.forced_tokens
+
+    def count_forced(self, tokens: int) -> None:
+        """``tokens`` of a counted step were output a grammar forced, not prompt: count them as decode."""
+        self.prefill_tokens -= tokens
+        self.decode_tokens += tokens
 
     def count(self, step: Step, seconds: float, kv_blocks_used: int) -> None:
         self.steps += 1
@@ -65,11 +81,17 @@ class Launched:
 
 class Engine:
     def __init__(
-        self, scheduler: Scheduler, runner: ModelRunner, stopper: StopChecker, overlap: bool | None = None
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        stopper: StopChecker,
+        overlap: bool | None = None,
+        guide: Guide | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.stopper = stopper
+        self.guide = guide
         self.overlap = runner.device.type == "cuda" if overlap is None else overlap
         self.stats = EngineStats()  # grows during run(), so commits can report live figures
 
@@ -82,7 +104,11 @@ class Engine:
         """Runs every sequence of ``work`` (in execution order); calls ``on_finish`` for each row.
         Raises Interrupted between steps once ``should_stop()`` says so."""
         sched = self.scheduler
+        overlap = self.overlap
         for seq in work:
+            if seq.constraint is not None:
+                self.guide.start(seq)
+                overlap = False
             sched.add(seq)
         pending: Launched | None = None
         while sched.has_work():
@@ -98,19 +124,31 @@ class Engine:
                 self._retire(pending, on_finish)
                 pending = None
                 continue
-            sampled = self.runner.launch(step, pending.sampled.tokens if pending else None)
+            mask = self.guide.mask(step) if self.guide is not None else None
+            sampled = self.runner.launch(step, pending.sampled.tokens if pending else None, mask)
             sched.after_step(step)
             launched = Launched(step, sampled, sched.batch.epoch, sched.num_finished)
             if pending is not None:
                 self._retire(pending, on_finish)
             pending = launched
-            if not self.overlap:
+            if not overlap:
                 self._retire(launched, on_finish)
                 pending = None
             self.stats.count(step, time.perf_counter() - t0, sched.pool.num_used)
+            if self.guide is not None:
+                self.stats.count_forced(self.guide.forced_in_step(step))
         if pending is not None:
             self._retire(pending, on_finish)
+        self._count_guide()
         return self.stats
+
+    def _count_guide(self) -> None:
+        """Add what the guide counted during this run to the run's stats."""
+        if self.guide is not None:
+            rows, masked, forced = self.guide.take_counts()
+            self.stats.constrained_rows += rows
+            self.stats.masked_steps += masked
+            self.stats.forced_tokens += forced
 
     def _retire(self, launched: Launched, on_finish: Callable[[Seq], None]) -> None:
         """Each sampled token joins its row (rows finished meanwhile drop theirs); rows that now stop
@@ -130,7 +168,12 @@ class Engine:
             seqs, tokens_array, num_output = self._append_to_live(seqs, tokens, step.num_output, live)
         if logprobs is not None:
             _record_logprobs(seqs, [tokens[i] for i in live], logprobs, live)
-        for i, reason in self.stopper.check_seqs(tokens_array, num_output, seqs).items():
+        if self.guide is not None:
+            num_output = self.guide.advance(seqs, tokens_array, sched.batch)
+        reasons = self.stopper.check_seqs(tokens_array, num_output, seqs)
+        if self.guide is not None:
+            self.guide.settle(seqs, reasons)
+        for i, reason in reasons.items():
             sched.finish(seqs[i], reason)
             on_finish(seqs[i])
 

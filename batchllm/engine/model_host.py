@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from batchllm.config import EngineConfig, SamplingParams
+from batchllm.engine.guide import Guide
 from batchllm.engine.loop import Engine
 from batchllm.engine.model_runner import ModelRunner
 from batchllm.engine.placement import kv_pool_blocks, make_backend, resolve_placement
@@ -20,6 +21,8 @@ from batchllm.scheduler.scheduler import Scheduler
 
 class ModelHost:
     """The model, its attention backend and KV cache on the device the engine config resolves to."""
+
+    jump_forward = True  # structured output: forced tokens join a row without sampling (see Guide)
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class ModelHost:
         self.stopper = StopChecker(tokenizer, mcfg.eos_token_ids, sampling)
         self.kv_caches: list = []
         self.kv_blocks = 0  # blocks in the KV cache now allocated
+        self.grammars = None  # a GrammarCache (engine.constraints) when the job has output grammars
 
     @property
     def device_name(self) -> str:
@@ -68,7 +72,10 @@ class ModelHost:
             pool, cfg.block_size, cfg.token_budget, cfg.max_running, self.sampling.max_new_tokens
         )
         runner = ModelRunner(self.model, self.kv_caches, self.backend, cfg.block_size, self.sampling)
-        return Engine(scheduler, runner, self.stopper)
+        guide = None
+        if self.grammars is not None:
+            guide = Guide(self.grammars, self.sampling.max_new_tokens, self.jump_forward)
+        return Engine(scheduler, runner, self.stopper, guide=guide)
 
     def _ensure_kv_cache(self, bytes_per_block: int, blocks_needed: int) -> None:
         """Allocate the KV cache once, sized before anything else holds KV memory, and reuse it for

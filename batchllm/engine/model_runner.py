@@ -19,6 +19,7 @@ from batchllm.engine.sampled import Sampled
 from batchllm.engine.sampling import sample
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
+from batchllm.engine.token_mask import apply_mask
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.decode_part import split_mixed_step
@@ -44,9 +45,12 @@ class ModelRunner:
         self.staging = Staging(self.device)
 
     @torch.inference_mode()
-    def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> Sampled:
+    def launch(
+        self, step: Step, prev_sampled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Sampled:
         """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order (int64,
-        on the device), with their raw logprobs under ``--logprobs`` (``Sampled.read`` is the one sync)."""
+        on the device), with their raw logprobs under ``--logprobs`` (``Sampled.read`` is the one sync).
+        ``mask``: allowed tokens of the sampled rows, a packed CPU bitmask (structured output), or None."""
         self._copy_blocks(step.block_copies)
         inputs = step_inputs(step, self.block_size)
         dev = self.staging.send(inputs.host_arrays())
@@ -59,12 +63,16 @@ class ModelRunner:
         if not len(inputs.logit_rows):
             return Sampled(torch.empty(0, dtype=torch.long, device=self.device))
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
-        tokens = self._sample(step.sampled_seqs, logits, step.num_output)
-        if not self.sampling.logprobs:
-            return Sampled(tokens)
-        return Sampled.of(tokens, gather_logprobs(logits, tokens, self.sampling.logprobs))
+        k = self.sampling.logprobs
+        raw = logits.clone() if k and mask is not None else logits  # logprobs are the model's, unmasked
+        tokens = self._sample(step.sampled_seqs, logits, step.num_output, mask)
+        return Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
 
-    def _sample(self, seqs: list, logits: torch.Tensor, num_output) -> torch.Tensor:
+    def _sample(
+        self, seqs: list, logits: torch.Tensor, num_output, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if mask is not None:
+            apply_mask(logits, mask)
         if any(seq.params is not None for seq in seqs):  # rows with their own settings (--params-column)
             rows = [seq.params or self.sampling for seq in seqs]
             return sample_rows(logits, rows, [seq.sample_key for seq in seqs], num_output)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.token_mask import apply_mask
 
 
 def row_key(seed: int, row_id: object) -> int:
@@ -28,10 +29,18 @@ def uniform(key: int, step: int) -> float:
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, keys: list[int], steps: Sequence[int]
+    logits: torch.Tensor,
+    params: SamplingParams,
+    keys: list[int],
+    steps: Sequence[int],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row (int64 [num_rows], on the logits' device; no host sync).
-    ``logits``: [num_rows, vocab] float32; ``steps``: tokens each row has generated so far."""
+    ``logits``: [num_rows, vocab] float32; ``steps``: tokens each row has generated so far;
+    ``mask``: a packed int32 bitmask [num_rows, words] of allowed tokens (see ``token_mask``), applied
+    to ``logits`` in place, in one op, before greedy or temperature / top-k / top-p."""
+    if mask is not None:
+        apply_mask(logits, mask)
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = _filtered_probs(logits.float() / params.temperature, params)

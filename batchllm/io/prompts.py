@@ -42,22 +42,35 @@ class Prompter:
         self.chat = chat or messages
         self.messages = messages  # texts are conversations as JSON (io.messages), rendered as they are
 
-    def render(self, texts: list[str]) -> list[str]:
-        """The prompt strings for these texts."""
+    def render(self, texts: list[str], systems: list[str | None] | None = None) -> list[str]:
+        """The prompt strings for these texts; with chat, ``systems`` (one per text) replace the
+        prefix as each row's system message."""
         if not self.chat:
             prefix = self.prefix or ""
             return [prefix + t for t in texts]
-        system = [{"role": "system", "content": self.prefix}] if self.prefix is not None else []
+        systems = systems if systems is not None else [self.prefix] * len(texts)
         if self.messages:
-            conversations = [conversation(t, self.prefix) for t in texts]
+            conversations = [conversation(t, s) for t, s in zip(texts, systems)]
         else:
-            conversations = [[*system, {"role": "user", "content": t}] for t in texts]
+            conversations = [
+                [
+                    *([{"role": "system", "content": s}] if s is not None else []),
+                    {"role": "user", "content": t},
+                ]
+                for t, s in zip(texts, systems)
+            ]
         if not conversations:
             return []
         return self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
 
-    def encode(self, texts: list[str | None], text_errors: list[str | None] | None = None) -> PromptBatch:
-        """Token ids per row; a row without text gets its text error, one the tokenizer rejects gets that."""
+    def encode(
+        self,
+        texts: list[str | None],
+        text_errors: list[str | None] | None = None,
+        systems: list[str | None] | None = None,
+    ) -> PromptBatch:
+        """Token ids per row; a row without text gets its text error, one the tokenizer rejects gets that.
+        ``systems``: each row's own system message (chat only; see ``render``)."""
         if text_errors is not None and len(text_errors) != len(texts):
             raise ValueError(f"{len(text_errors)} text errors for {len(texts)} texts")
         reasons = text_errors or [None] * len(texts)
@@ -68,21 +81,25 @@ class Prompter:
         # they are packed into int32 arrays; a million-row window would otherwise need tens of GB.
         for lo in range(0, len(rows), ENCODE_BATCH_ROWS):
             chunk = rows[lo : lo + ENCODE_BATCH_ROWS]
-            for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk])):
+            own = None if systems is None else [systems[i] for i in chunk]
+            for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk], own)):
                 token_ids[i], errors[i] = ids, error
         return PromptBatch(token_ids, errors)
 
-    def _encode_all(self, texts: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+    def _encode_all(
+        self, texts: list[str], systems: list[str | None] | None = None
+    ) -> list[tuple[np.ndarray | None, str | None]]:
         try:
-            ids = self._tokenize(self.render(texts))
+            ids = self._tokenize(self.render(texts, systems))
         except Exception:  # the tokenizer's error types vary; find the bad rows one by one
             logger.debug("batch tokenization failed; encoding %d rows one by one", len(texts))
-            return [self._encode_one(t) for t in texts]
+            own = systems if systems is not None else [self.prefix] * len(texts)
+            return [self._encode_one(t, s) for t, s in zip(texts, own)]
         return [(np.asarray(row, dtype=np.int32), None) for row in ids]
 
-    def _encode_one(self, text: str) -> tuple[np.ndarray | None, str | None]:
+    def _encode_one(self, text: str, system: str | None = None) -> tuple[np.ndarray | None, str | None]:
         try:
-            (ids,) = self._tokenize(self.render([text]))
+            (ids,) = self._tokenize(self.render([text], [system] if self.chat else None))
         except Exception as e:  # any rejection is this row's error, not the job's
             return None, f"tokenizer rejected the text: {e}"
         return np.asarray(ids, dtype=np.int32), None

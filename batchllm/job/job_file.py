@@ -17,6 +17,7 @@ from types import NoneType, UnionType
 import typer
 
 from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import JobError, SettingError
 from batchllm.io.dataset import input_stem
 from batchllm.io.openai_batch import is_batch_file
@@ -26,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PATH_KEYS = ("input", "prefix", "output", "run_dir", "report", "output_dir")
+PATH_KEYS = ("input", "prefix", "output", "run_dir", "report", "output_dir", "json_schema", "grammar")
 LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
 
 
@@ -120,6 +121,19 @@ def read_prefix(path: Path | str) -> str:
         raise JobError(f"cannot read the prefix file {path}: {e.strerror or e}") from e
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents, or a JobError naming the ``what`` file and what is wrong."""
+    if not path.is_file():
+        problem = "is a directory; give a UTF-8 text file" if path.is_dir() else "does not exist"
+        raise JobError(f"{what} file {path} {problem}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise JobError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise JobError(f"cannot read the {what} file {path}: {e.strerror or e}") from e
+
+
 def job_spec(p: Settings) -> JobSpec:
     """The JobSpec of ``batchllm run``'s settings; a setting out of range is a JobError naming it."""
     if p["input"] is None or p["model"] is None:
@@ -156,6 +170,9 @@ def _job_spec(p: Settings) -> JobSpec:
         messages_column=p.values.get("messages_column"),
         params_column=p.values.get("params_column"),
         explode_samples=p["explode_samples"],
+        grammar=_grammar(p),
+        schema_column=p["schema_column"],
+        schema_in_prompt=p["schema_in_prompt"],
     )
 
 
@@ -170,6 +187,21 @@ def _output(p: Settings, inp: Path) -> Path:
         return Path(p["output"])
     batch = p["format"] == "openai" or (p["format"] is None and inp.suffix == ".jsonl" and is_batch_file(inp))
     return Path.cwd() / f"{input_stem(inp)}.out.{'jsonl' if batch else 'parquet'}"
+
+
+def _grammar(p: Settings) -> GrammarSpec | None:
+    """The job's output constraint from --json-schema FILE, --regex PATTERN or --grammar FILE."""
+    given = [k for k in ("json_schema", "regex", "grammar") if p[k] is not None]
+    if len(given) > 1:
+        flags = " and ".join("--" + k.replace("_", "-") for k in given)
+        raise JobError(f"{flags} cannot be combined; give one output constraint")
+    if not given:
+        return None
+    kind = given[0]
+    if kind == "regex":
+        return GrammarSpec("regex", p["regex"])
+    what = "JSON schema" if kind == "json_schema" else "grammar"
+    return GrammarSpec(kind, read_text_file(Path(p[kind]), what))
 
 
 def _sampling(p: Settings) -> SamplingParams:

@@ -22,6 +22,7 @@ from batchllm.job.counters import RowCounts
 
 GROUP_KEYS = ("groups", "avg_sharing_degree", "avg_prefix_tokens", "avg_distinct_tokens")
 GROUP_KEYS += ("duplicate_rows", "max_tree_depth")
+GUIDE_KEYS = ("constrained_rows", "masked_steps", "forced_tokens")  # structured output, all attempts
 SHARD_COLUMNS = ["finish_reason", "prompt_tokens", "output_tokens", "cached_tokens"]
 
 
@@ -57,6 +58,7 @@ def collect(run_dir: Path) -> dict:
         "peak_kv_blocks": max((a.get("peak_kv_blocks", 0) for a in attempts), default=0),
         "kv_blocks": last.get("kv_blocks", 0),
         "preemptions": sum(a.get("preemptions", 0) for a in attempts),
+        **{key: sum(a.get(key, 0) for a in attempts) for key in GUIDE_KEYS},
         "attempts": len(attempts),
         "workers": _workers(records),
         "worker_retries": sum(1 for r in records if r["kind"] == "retry"),
@@ -164,6 +166,13 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),
     ]
+    if report.get("constrained_rows"):
+        rows.append(
+            (
+                "constrained rows / masked steps / forced tokens",
+                " / ".join(f"{report[k]:,}" for k in GUIDE_KEYS),
+            )
+        )
     if report.get("metrics_lines_skipped"):
         rows.append(("metrics lines skipped (unreadable)", f"{report['metrics_lines_skipped']:,}"))
     for name, value in rows + _worker_rows(report):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ class UnitResults:
         self.output_tokens = np.zeros(n, dtype=np.int32)
         self.cached_tokens = np.zeros(n, dtype=np.int32)
         self.finish_reason: list[str] = ["error"] * n
+        self.errors: list[str | None] = list(rows.errors)  # a finished row may add one (structured output)
         self.committed = RowCounts()
         self._pending: list[int] = []
         self._every_rows = every_rows
@@ -43,8 +45,11 @@ class UnitResults:
         self._last_commit = time.monotonic()
         self._extra_columns = extra_columns  # rows -> more columns for their shard (--n, --logprobs)
 
-    def finish(self, row: int, text: str, output_tokens: int, cached: int, reason: str) -> RowCounts:
-        """Record a finished row; returns its counts."""
+    def finish(
+        self, row: int, text: str, output_tokens: int, cached: int, reason: str, error: str | None = None
+    ) -> RowCounts:
+        """Record a finished row (``error``: what is wrong with its output, if anything); its counts."""
+        self.errors[row] = error
         self.output[row] = text
         self.output_tokens[row] = output_tokens
         self.cached_tokens[row] = cached
@@ -68,7 +73,8 @@ class UnitResults:
             self._pending = []
             raise Interrupted("another attempt owns the run directory")
         rows = np.asarray(sorted(self._pending), dtype=np.int64)
-        table = self.rows.take(rows).table(
+        block = dataclasses.replace(self.rows.take(rows), errors=[self.errors[i] for i in rows])
+        table = block.table(
             [self.output[i] for i in rows],
             self.output_tokens[rows],
             self.cached_tokens[rows],

@@ -20,6 +20,7 @@ class RowBlock:
     prompt_tokens: np.ndarray  # int32 [rows]: 0 where the row could not be tokenized
     errors: list[str | None]  # [rows]: the row's error, None for a row to generate
     sample: np.ndarray | None = None  # int64 [rows]: each row's sample index under --n; None: one per row
+    schemas: list[str | None] | None = None  # [rows]: the row's own JSON Schema (--schema-column)
 
     @classmethod
     def empty(cls, source: InputSource) -> RowBlock:
@@ -46,6 +47,7 @@ class RowBlock:
             self.prompt_tokens[rows],
             [self.errors[i] for i in rows.tolist()],
             None if self.sample is None else self.sample[rows],
+            None if self.schemas is None else [self.schemas[i] for i in rows.tolist()],
         )
 
     def table(

@@ -32,10 +32,11 @@ from batchllm.io.writer import RunDir, check_output
 from batchllm.job.counters import RowCounts
 from batchllm.job.executor import Executor, LocalExecutor
 from batchllm.job.fence import claim
+from batchllm.job.grammars import JobGrammars, is_constrained, system_prefix
 from batchllm.job.interrupt import StopRequest
 from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
-from batchllm.job.report import GROUP_KEYS
+from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
 from batchllm.job.samples import expand_samples
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
@@ -99,7 +100,8 @@ class Job:
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, job.prefix, job.chat, self.source.messages)
+        self.prompter = Prompter(tokenizer, system_prefix(job), job.chat, self.source.messages)
+        self.grammars = JobGrammars(job, tokenizer, self.mcfg) if is_constrained(job) else None
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -135,7 +137,8 @@ class Job:
             self.run_dir.remove_output_leftovers(part.path)
         self.metrics = MetricsLog(job.run_dir)
         template = getattr(tokenizer, "chat_template", None)
-        self._claim(output_settings(job, model_path, template, resolved_settings(job.engine)))
+        settings = output_settings(job, model_path, template, resolved_settings(job.engine))
+        self._claim(settings | (self.grammars.fingerprint() if self.grammars else {}))
         self.progress = self._progress()
         try:
             self.executor = self._executor(model_path, tokenizer)
@@ -163,7 +166,10 @@ class Job:
     def _executor(self, model_path: Path, tokenizer) -> Executor:
         job = self.job
         if not self.distributed:
-            worker = UnitWorker.open(job, self.run_dir, "local", model_path, self.mcfg, tokenizer, load_model)
+            cache = self.grammars.cache if self.grammars else None
+            worker = UnitWorker.open(
+                job, self.run_dir, "local", model_path, self.mcfg, tokenizer, load_model, cache
+            )
             return LocalExecutor(worker, self.progress)
         from batchllm.distributed.ray_executor import RayExecutor
 
@@ -189,7 +195,8 @@ class Job:
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
         source, prompter, rows = self.source, self.prompter, job.window_rows
-        windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling)
+        systems = self.grammars.row_systems() if self.grammars else None
+        windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling, systems)
         try:
             for number in itertools.count():
                 started = time.perf_counter()
@@ -197,6 +204,7 @@ class Job:
                 out.phase("read", time.perf_counter() - started)
                 if window is None:
                     break
+                window = self.grammars.with_schemas(window) if self.grammars else window
                 self._run_window(window, number)
         except (Interrupted, KeyboardInterrupt):
             self._end("interrupted")
@@ -227,7 +235,8 @@ class Job:
         if params is not None and n > 1:
             params = [p for p in params for _ in range(n)]
         share = job.engine.prefix_sharing
-        dedup = share and job.sampling.greedy and window.params is None  # rows' own settings: never merged
+        # Duplicates are merged only when nothing but the prompt decides a row's output.
+        dedup = share and job.sampling.greedy and window.params is None and job.schema_column is None
         plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
         planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params)
@@ -296,5 +305,5 @@ class Job:
             unique_prompt_tokens=plan["unique_prompt_tokens"], prefill_tokens_computed=e.prefill_tokens,
             preemptions=out.preemptions, peak_kv_blocks=out.peak_kv_blocks, kv_blocks=out.kv_blocks,
             **{k: plan[k] for k in GROUP_KEYS}, kv_samples=e.kv_samples[-2000:], workers=out.per_worker,
-            worker_retries=out.worker_retries,
+            worker_retries=out.worker_retries, **{k: getattr(e, k) for k in GUIDE_KEYS},
         )  # fmt: skip

@@ -99,7 +99,7 @@ def gathering_finisher(
     commit) once its last sample does."""
 
     def on_finish(seq: Seq) -> None:
-        text, reason = stopper.text(seq.output_ids), seq.finish_reason
+        text, reason = stopper.text(seq.output_ids, seq.params), seq.finish_reason
         row = gather.finish(seq.index, text, seq.num_output, reason, seq.logprobs)
         if row is None:
             return

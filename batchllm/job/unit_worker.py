@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchllm.config import JobSpec
+from batchllm.engine.constraints import GrammarCache
+from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.engine.loop import Engine, EngineStats
 from batchllm.engine.model_host import ModelHost
 from batchllm.io.faults import crash_point
 from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
+from batchllm.job.grammars import grammar_cache, is_constrained
 from batchllm.job.live_prefixes import LivePrefixes
 from batchllm.job.results import UnitResults
 from batchllm.job.sample_results import SampleGather, gathering_finisher
@@ -66,14 +69,17 @@ class UnitWorker:
     def open(
         cls, job: JobSpec, run_dir: RunDir, name: str, model_path: Path | None = None,
         mcfg: ModelConfig | None = None, tokenizer=None, loader: Callable = load_model,
+        grammars: GrammarCache | None = None,
     ) -> UnitWorker:  # fmt: skip
-        """Load the job's model (config and tokenizer too, unless the caller has them already)."""
+        """Load the job's model (config and tokenizer too, unless the caller has them already), and
+        for structured output a grammar cache (``grammars``, or a new one)."""
         model_path = model_path or resolve_model_path(job.model)
         mcfg = mcfg or load_model_config(model_path)
         tokenizer = tokenizer or load_tokenizer(model_path)
-        return cls(
-            job, run_dir, name, ModelHost(model_path, mcfg, tokenizer, job.engine, job.sampling, loader)
-        )
+        host = ModelHost(model_path, mcfg, tokenizer, job.engine, job.sampling, loader)
+        if is_constrained(job):
+            host.grammars = grammars or grammar_cache(tokenizer, mcfg)
+        return cls(job, run_dir, name, host)
 
     def run(
         self, unit: WorkUnit, calls: UnitCalls, keep: Collection[int] = (), kv_blocks: int = 0
@@ -86,6 +92,7 @@ class UnitWorker:
         engine.stats = EngineStats()
         preemptions = engine.scheduler.num_preemptions
         seqs = list(unit_sequences(unit, self.live.seqs))
+        self._constrain(unit, seqs)
         self.live.update(unit, seqs, keep, engine.scheduler)
         results, finisher = self._results(unit, calls, engine)
         try:
@@ -102,6 +109,16 @@ class UnitWorker:
             engine.scheduler.pool.peak_used, self.host.kv_blocks, time.perf_counter() - t0,
             _prefilled_prefixes(unit, seqs),
         )  # fmt: skip
+
+    def _constrain(self, unit: WorkUnit, seqs: list[Seq]) -> None:
+        """Each row's matcher: the job's grammar, or the row's own schema (checked by the driver)."""
+        job, cache, schemas = self.job, self.host.grammars, unit.rows.schemas
+        if cache is None:
+            return
+        for seq in seqs:
+            if seq.is_row:
+                spec = job.grammar if schemas is None else GrammarSpec("json_schema", schemas[seq.index])
+                seq.constraint = cache.new_row(spec)
 
     def _engine_for(self, unit: WorkUnit, kv_blocks: int) -> Engine:
         """The worker's engine, unless its pool is smaller than this unit should get (then a new one,
@@ -141,9 +158,10 @@ class UnitWorker:
 
         def on_finish(seq: Seq) -> None:
             text, n_out, reason = stopper.text(seq.output_ids, seq.params), seq.num_output, seq.finish_reason
-            counts = results.finish(seq.index, text, n_out, seq.cached_tokens, reason)
+            counts = results.finish(seq.index, text, n_out, seq.cached_tokens, reason, seq.error)
             for dup in dups.get(seq.index, ()):
-                counts.add(results.finish(dup, text, n_out, int(unit.rows.prompt_tokens[dup]), reason))
+                cached = int(unit.rows.prompt_tokens[dup])
+                counts.add(results.finish(dup, text, n_out, cached, reason, seq.error))
             results.maybe_commit()
             calls.on_rows(counts)
             crash_point("row")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ class Window:
     errors: list[str | None]  # a row-level error, or None when the row can run
     skip: np.ndarray  # bool [rows]: committed by an earlier attempt
     params: list[SamplingParams | None] | None = None  # [rows] a row's own settings (None: the job's)
+    schemas: list[str | None] | None = None  # [rows] each row's JSON Schema text (--schema-column)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -54,6 +55,7 @@ class Window:
             keep=None if self.keep is None else self.keep.take(take),
             prompt_tokens=np.asarray(lengths, dtype=np.int32),
             errors=[self.errors[i] for i in rows.tolist()],
+            schemas=None if self.schemas is None else [self.schemas[i] for i in rows.tolist()],
         )
 
 
@@ -73,9 +75,11 @@ def read_windows(
     max_positions: int,
     skip: np.ndarray,
     sampling: SamplingParams | None = None,
+    systems: Callable[[int, int], list[str | None]] | None = None,
 ) -> Iterator[Window]:
     """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized. Rows
-    with a ``--params-column`` value get their own settings from ``sampling`` (the job's)."""
+    with a ``--params-column`` value get their own settings from ``sampling`` (the job's).
+    ``systems(start, rows)``: each row's own system message (chat), when rows have their own."""
     for batch in source.iter_batches(rows_per_batch=window_rows):
         done = skip[batch.start : batch.start + len(batch)]
         if done.all():
@@ -86,7 +90,8 @@ def read_windows(
         text_errors = [
             e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
         ]
-        prompts = prompter.encode(texts, text_errors)
+        own = systems(batch.start, len(batch)) if systems is not None else None
+        prompts = prompter.encode(texts, text_errors, own)
         max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * len(batch)]
         errors = [
             err or length_error(ids, row_max_new, max_positions)

@@ -45,6 +45,8 @@ class Seq:
     slot: int | None = None  # its slot in the scheduler's BatchState while it runs
     params: SamplingParams | None = None  # ROW: its own sampling settings (None: the engine's)
     logprobs: Any = None  # ROW under --logprobs: its generated tokens' logprobs (engine.sampled.LogprobLog)
+    constraint: Any = None  # ROW: its structured-output matcher (engine.constraints.RowConstraint)
+    error: str | None = None  # ROW: what is wrong with its output (structured output), if anything
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
