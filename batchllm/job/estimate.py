@@ -11,13 +11,13 @@ import numpy as np
 from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
 from batchllm.job.assignment import simulate
-from batchllm.job.samples import expand_samples
-from batchllm.job.units import PlannedRows, split_plan
-from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
+from batchllm.job.grammars import system_prefix
+from batchllm.job.units import split_plan
+from batchllm.job.window_plan import plan_window
+from batchllm.job.windows import open_job_input, read_windows
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.prefix_tree.plan import Plan, PlanStats, make_plan
-from batchllm.prefix_tree.seqs import TokenSeqs
+from batchllm.prefix_tree.plan import Plan, PlanStats
 
 
 def plan_job(job: JobSpec) -> dict:
@@ -25,22 +25,20 @@ def plan_job(job: JobSpec) -> dict:
     source = open_job_input(job)
     model_path = resolve_model_path(job.model)
     mcfg = load_model_config(model_path)
-    prompter = Prompter(load_tokenizer(model_path), job.prefix, job.chat, source.messages)
+    prompter = Prompter(load_tokenizer(model_path), system_prefix(job), job.chat, source.messages)
     skip = np.zeros(source.num_rows, dtype=bool)
     windows = read_windows(
         source, prompter, job.window_rows, job.sampling.max_new_tokens, mcfg.max_position_embeddings, skip,
         job.sampling,
     )  # fmt: skip
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
-    share = job.engine.prefix_sharing
     per_worker: dict[str, dict[str, int]] = {}
     for window in windows:
-        prompts = [window.token_ids[i] for i in window.runnable() for _ in range(job.sampling.n)]
-        dedup = share and job.sampling.greedy and window.params is None  # as run.py plans it
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
+        planned = plan_window(job, window)
+        plan, prompts = planned.plan, planned.planned.token_ids
         stats.append(plan.stats)
         if (job.workers or 1) > 1:
-            _add_workers(per_worker, _worker_estimate(job, window, plan))
+            _add_workers(per_worker, simulate(split_plan(plan, planned.planned, job.workers), job.workers))
         failed += window.num_failed
         flops_shared += _planned_flops(plan, mcfg)
         flops_plain += sum(_segment_flops(mcfg, 0, len(p)) for p in prompts)
@@ -56,17 +54,6 @@ def plan_job(job: JobSpec) -> dict:
         "model": job.model,
         **_workers_figures(per_worker),
     }
-
-
-def _worker_estimate(job: JobSpec, window: Window, plan: Plan) -> dict[str, dict[str, int]]:
-    """The window cut into units as ``batchllm run --workers N`` cuts it, and assigned as its driver would."""
-    runnable = window.runnable()
-    prompts = [window.token_ids[i] for i in runnable]
-    keys = row_keys(job.sampling.seed, window.ids, runnable)
-    n, seed = job.sampling.n, job.sampling.seed
-    block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, n, seed)
-    planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens)
-    return simulate(split_plan(plan, planned, job.workers), job.workers)
 
 
 def _add_workers(total: dict[str, dict[str, int]], window: dict[str, dict[str, int]]) -> None:

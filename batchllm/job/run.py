@@ -38,15 +38,14 @@ from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
-from batchllm.job.samples import expand_samples
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
-from batchllm.job.units import PlannedRows, split_plan
-from batchllm.job.windows import Window, open_job_input, read_windows, row_keys
+from batchllm.job.units import split_plan
+from batchllm.job.window_plan import plan_window
+from batchllm.job.windows import Window, open_job_input, read_windows
 from batchllm.model.config import load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.prefix_tree.plan import PlanStats, make_plan
-from batchllm.prefix_tree.seqs import TokenSeqs
+from batchllm.prefix_tree.plan import PlanStats
 
 # Per worker: prefix copies are prefill of a prefix that another unit of the window prefilled already.
 WORKER_KEYS = ("rows", "output_tokens", "seconds", "units", "prefill_tokens", "prefix_copy_tokens")
@@ -225,22 +224,10 @@ class Job:
             counts = RowCounts.of_table(table)
             self._committed(counts)
             self.progress.advance(counts)
-        runnable = window.runnable()
-        prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
-        keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
-        params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
-        n = job.sampling.n
-        block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, n, job.sampling.seed)
-        if params is not None and n > 1:
-            params = [p for p in params for _ in range(n)]
-        share = job.engine.prefix_sharing
-        # Duplicates are merged only when nothing but the prompt decides a row's output.
-        dedup = share and job.sampling.greedy and window.params is None and job.schema_column is None
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
-        out.plan_stats.append(plan.stats)
-        planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params)
-        units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
+        planned = plan_window(job, window)
+        out.plan_stats.append(planned.plan.stats)
+        units = split_plan(planned.plan, planned.planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
         calls = UnitCalls(should_stop=lambda: self.stop.requested, on_commit=self._committed)
