@@ -18,7 +18,7 @@ from hf_reference import load_hf_model
 from test_run import PREFIX, run_cli, run_job, write_rows
 from transformers import AutoTokenizer
 
-import batchllm.job.run as run_module
+import batchllm.job.window_plan as window_plan
 from batchllm.job.rows import RowBlock
 from batchllm.job.samples import expand_samples, sample_key
 from batchllm.job.units import PlannedRows, split_plan
@@ -83,10 +83,10 @@ def test_each_sample_equals_a_single_run_with_its_stream(tmp_path, tiny_models, 
     many, _ = run_job(tmp_path, model, texts, *SAMPLED, "--n", "3", name="many.parquet")
     for s in range(3):
 
-        def keys(seed: int, ids: pa.Array, rows: np.ndarray, s: int = s) -> list[int]:
+        def keys(seed: int, ids: pa.Array, rows: np.ndarray, params=None, s: int = s) -> list[int]:
             return [sample_key(seed, v, s) for v in ids.take(pa.array(rows)).to_pylist()]
 
-        monkeypatch.setattr(run_module, "row_keys", keys)
+        monkeypatch.setattr(window_plan, "row_keys", keys)
         single, _ = run_job(tmp_path, model, texts, *SAMPLED, name=f"single{s}.parquet")
         assert [r["output"] for r in single] == [r["outputs"][s] for r in many]
         assert [r["finish_reason"] for r in single] == [r["finish_reasons"][s] for r in many]
