@@ -7,17 +7,30 @@ input is the token the previous step sampled reads it on the device (``prev_samp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.logprobs import gather_logprobs
 from batchllm.engine.sampling import sample
+from batchllm.engine.score_positions import ScoreSpans, score_spans
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups
 from batchllm.scheduler.step import Step
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A launched step's results, still on the device until the engine reads them (one sync)."""
+
+    sampled: torch.Tensor  # int64 [rows sampled]
+    scored: torch.Tensor | None = None  # float32 [scored positions], in ``spans`` order
+    spans: ScoreSpans | None = None
 
 
 class ModelRunner:
@@ -37,12 +50,17 @@ class ModelRunner:
         self.device = kv_caches[0][0].device
         self.staging = Staging(self.device)
 
-    @torch.inference_mode()
     def launch(self, step: Step, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order
         (int64, on the device; reading it is the step's one device->host sync)."""
+        return self.launch_step(step, prev_sampled).sampled
+
+    @torch.inference_mode()
+    def launch_step(self, step: Step, prev_sampled: torch.Tensor | None = None) -> StepOutput:
+        """``launch``, and the log-probs of the step's scored positions (see ``score_positions``)."""
         self._copy_blocks(step.block_copies)
-        inputs = step_inputs(step, self.block_size)
+        spans = score_spans(step)
+        inputs = step_inputs(step, self.block_size, spans)
         dev = self.staging.send(inputs.host_arrays())
         input_ids = dev["input_ids"]
         if prev_sampled is not None and len(step.prev_rows):
@@ -50,11 +68,15 @@ class ModelRunner:
             input_ids[rows] = prev_sampled[torch.from_numpy(step.prev_index).to(self.device)]
         meta = self._metadata(step, inputs, dev)
         hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
+        scored = None
+        if spans is not None:
+            logits = self.model.compute_logits(hidden[dev["score_rows"]])
+            scored = gather_logprobs(logits, dev["score_targets"]).chosen
         if not len(inputs.logit_rows):
-            return torch.empty(0, dtype=torch.long, device=self.device)
+            return StepOutput(torch.empty(0, dtype=torch.long, device=self.device), scored, spans)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
-        return sample(logits, self.sampling, keys, step.num_output)
+        return StepOutput(sample(logits, self.sampling, keys, step.num_output), scored, spans)
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""

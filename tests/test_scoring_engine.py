@@ -1,0 +1,71 @@
+"""SCORE sequences in the engine: prefill prompt + continuation under shared prefixes, read each
+continuation token's log-prob, never decode. Checked against transformers' forward log-softmax."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from batchllm.config import EngineConfig, SamplingParams
+from batchllm.engine.model_host import ModelHost
+from batchllm.model.config import load_model_config
+from batchllm.model.tokenizer import load_tokenizer
+from batchllm.scheduler.seq import Seq
+from tests.hf_reference import load_hf_model
+
+
+def hf_continuation_logprobs(model_dir, prompt: list[int], continuation: list[int]) -> list[float]:
+    """Transformers' float32 log-softmax of each continuation token after ``prompt``."""
+    model = load_hf_model(model_dir)
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    positions = range(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+    return [logp[p, t].item() for p, t in zip(positions, continuation)]
+
+
+def _work(seed: int, vocab: int = 500) -> tuple[list[Seq], list[tuple[list[int], list[int]]]]:
+    """A shared prefix; per row a row prefix (prompt less its last token) and 3 choices beneath it,
+    plus rows scored on their own."""
+    rng = random.Random(seed)
+    system = Seq.prefix(0, [rng.randrange(vocab) for _ in range(23)])
+    work, cases = [system], []
+    for r in range(3):
+        prompt = system.token_ids + [rng.randrange(vocab) for _ in range(4 + r)]
+        row = Seq.prefix(1 + r, prompt[:-1], system, pending_rows=3)
+        work.append(row)
+        for length in (1, 2, 5):
+            cont = [rng.randrange(vocab) for _ in range(length)]
+            work.append(Seq.score(len(cases), prompt, cont, row))
+            cases.append((prompt, cont))
+            system.pending_rows += 1
+    for length in (1, 3):
+        prompt, cont = [rng.randrange(vocab) for _ in range(6)], [rng.randrange(vocab) for _ in range(length)]
+        work.append(Seq.score(len(cases), prompt, cont))
+        cases.append((prompt, cont))
+    return work, cases
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("token_budget", [8192, 7])
+def test_scored_logprobs_match_transformers(tiny_models, family, token_budget):
+    path = tiny_models[family]
+    cfg = EngineConfig(device="cpu", dtype="float32", block_size=4, token_budget=token_budget)
+    host = ModelHost(path, load_model_config(path), load_tokenizer(path), cfg, SamplingParams())
+    engine = host.engine(256, 16)
+    work, cases = _work(seed=1)
+    done: list[Seq] = []
+    stats = engine.run(work, done.append)
+    engine.scheduler.check_invariants()
+    assert sorted(s.index for s in done) == list(range(len(cases)))
+    assert all(s.finish_reason == "scored" and s.num_output == 0 for s in done)
+    for seq in done:
+        prompt, cont = cases[seq.index]
+        expected = hf_continuation_logprobs(path, prompt, cont)
+        assert seq.scored == pytest.approx(expected, abs=1e-4)
+    # each choice computes the prompt's last token and its own tokens but the last: no decode at all
+    assert stats.decode_tokens == 0
+    assert stats.scored_tokens == sum(len(c) for _, c in cases)
+    assert engine.scheduler.pool.num_used == 0
