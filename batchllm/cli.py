@@ -50,6 +50,16 @@ def run(
     seed: Annotated[int, Opt(help="Seed of every row's random stream.")] = 0,
     stop: Annotated[list[str] | None, Opt(help="Stop string (repeatable); output cut before it.")] = None,
     ignore_eos: Annotated[bool, Opt(help="Do not stop at EOS (benchmarks).")] = False,
+    choices: Annotated[
+        str | None, Opt(help="Score these comma-separated choices instead of generating (exact text).")
+    ] = None,
+    choices_column: Annotated[str | None, Opt(help="Score each row's list of choices in this column.")] = (
+        None
+    ),
+    choice_score: Annotated[str, Opt(help="sum | mean (per token) of a choice's log-probs.")] = "sum",
+    score_column: Annotated[
+        str | None, Opt(help="Score this column's text as the prompt's continuation.")
+    ] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, Opt(help="auto | float32 | bfloat16 | float16")] = "auto",
     token_budget: Annotated[int, Opt(help="New tokens per engine step.")] = 8192,

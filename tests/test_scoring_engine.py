@@ -6,24 +6,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from hf_reference import hf_continuation_logprobs
 
 from batchllm.config import EngineConfig, SamplingParams
 from batchllm.engine.model_host import ModelHost
 from batchllm.model.config import load_model_config
 from batchllm.model.tokenizer import load_tokenizer
 from batchllm.scheduler.seq import Seq
-from tests.hf_reference import load_hf_model
-
-
-def hf_continuation_logprobs(model_dir, prompt: list[int], continuation: list[int]) -> list[float]:
-    """Transformers' float32 log-softmax of each continuation token after ``prompt``."""
-    model = load_hf_model(model_dir)
-    ids = torch.tensor([prompt + continuation])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
-    positions = range(len(prompt) - 1, len(prompt) + len(continuation) - 1)
-    return [logp[p, t].item() for p, t in zip(positions, continuation)]
 
 
 def _work(seed: int, vocab: int = 500) -> tuple[list[Seq], list[tuple[list[int], list[int]]]]:

@@ -16,7 +16,7 @@ from types import NoneType, UnionType
 
 import typer
 
-from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.config import EngineConfig, JobSpec, SamplingParams, ScoringParams
 from batchllm.errors import JobError, SettingError
 
 if sys.version_info >= (3, 11):
@@ -25,7 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PATH_KEYS = ("input", "prefix", "output", "run_dir", "report")
-LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
+LIST_KEYS = ("keep_columns", "stop", "choices")  # a string or a list of strings in a job file
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ def _job_spec(p: Settings) -> JobSpec:
         chat=p["chat"],
         sampling=_sampling(p),
         engine=_engine(p),
+        scoring=_scoring(p),
         report=Path(p["report"]) if p["report"] else None,
         progress=not p["quiet"],
         run_dir=Path(p["run_dir"]) if p["run_dir"] else None,
@@ -162,6 +163,20 @@ def _sampling(p: Settings) -> SamplingParams:
         max_new_tokens=p["max_new_tokens"],
         stop=tuple(p["stop"] or ()),
         ignore_eos=p["ignore_eos"],
+    )
+
+
+def _scoring(p: Settings) -> ScoringParams:
+    """``--choices`` is comma-separated on the command line, a list (or that string) in a job file;
+    each choice is taken exactly, spaces included."""
+    choices = p["choices"]
+    if isinstance(choices, str):
+        choices = choices.split(",")
+    return ScoringParams(
+        choices=tuple(choices or ()),
+        choices_column=p["choices_column"],
+        choice_score=p["choice_score"],
+        score_column=p["score_column"],
     )
 
 

@@ -6,11 +6,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 
 from batchllm.errors import Interrupted
 from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
 from batchllm.job.rows import RowBlock
+from batchllm.job.scoring import append_columns
 
 
 class UnitResults:
@@ -24,6 +26,7 @@ class UnitResults:
         every_seconds: float,
         on_commit: Callable[[RowCounts], None],
         may_commit: Callable[[], bool] = lambda: True,
+        extra_schema: pa.Schema | None = None,
     ) -> None:
         n = len(rows)
         self.rows = rows
@@ -32,6 +35,8 @@ class UnitResults:
         self.output_tokens = np.zeros(n, dtype=np.int32)
         self.cached_tokens = np.zeros(n, dtype=np.int32)
         self.finish_reason: list[str] = ["error"] * n
+        self.extra_schema = extra_schema  # columns a scoring job adds (job.scoring)
+        self.extra: list[dict | None] = [None] * n if extra_schema is not None else []
         self.committed = RowCounts()
         self._pending: list[int] = []
         self._every_rows = every_rows
@@ -71,6 +76,8 @@ class UnitResults:
             self.cached_tokens[rows],
             [self.finish_reason[i] for i in rows],
         )
+        if self.extra_schema is not None:
+            table = append_columns(table, self.extra_schema, [self.extra[i] for i in rows])
         self.run_dir.commit(table)
         self._pending = []
         counts = RowCounts.of_table(table)

@@ -36,6 +36,7 @@ from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS
 from batchllm.job.rows import RowBlock
+from batchllm.job.scoring import append_columns, input_keep_columns, score_inputs, score_schema
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import PlannedRows, split_plan
 from batchllm.job.windows import Window, read_windows, row_keys
@@ -92,11 +93,12 @@ class Job:
             from batchllm.distributed.ray_executor import import_ray
 
             import_ray()
-        self.source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+        self.source = open_input(job.input, job.format, job.column, job.id_column, input_keep_columns(job))
         model_path = resolve_model_path(job.model)
         self.mcfg = load_model_config(model_path)
         tokenizer = load_tokenizer(model_path)
         self.prompter = Prompter(tokenizer, job.prefix, job.chat)
+        self.scorer = score_inputs(job, tokenizer, self.mcfg.max_position_embeddings)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -183,6 +185,7 @@ class Job:
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
+        max_new = 0 if self.scorer is not None else max_new  # scoring checks each row's own length
         windows = read_windows(self.source, self.prompter, job.window_rows, max_new, max_pos, skip=self.done)
         try:
             for number in itertools.count():
@@ -204,9 +207,12 @@ class Job:
 
     def _run_window(self, window: Window, number: int) -> None:
         job, out = self.job, self.out
+        continuations = None
+        if self.scorer is not None:
+            window, continuations = self.scorer.prepare(window)
         failed = window.failed()
         if failed.size:
-            table = window.block(failed).error_table()
+            table = append_columns(window.block(failed).error_table(), score_schema(job.scoring))
             self.run_dir.commit(table)
             counts = RowCounts.of_table(table)
             self._committed(counts)
@@ -215,10 +221,12 @@ class Job:
         prompts = [window.token_ids[i] for i in runnable]
         started = time.perf_counter()
         share = job.engine.prefix_sharing
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and job.scoring.column is None  # rows may score different texts
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         out.plan_stats.append(plan.stats)
         keys = row_keys(job.sampling.seed, window.ids, runnable)
-        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens)
+        conts = None if continuations is None else [continuations[i] for i in runnable.tolist()]
+        planned = PlannedRows(window.block(runnable), prompts, keys, job.sampling.max_new_tokens, conts)
         units = split_plan(plan, planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
         out.phase("plan", time.perf_counter() - started)
@@ -268,7 +276,8 @@ class Job:
     def _write(self) -> None:
         started = time.perf_counter()
         if self.out.rows == 0:
-            self.run_dir.commit(RowBlock.empty(self.source).error_table())
+            empty = RowBlock.empty(self.source).error_table()
+            self.run_dir.commit(append_columns(empty, score_schema(self.job.scoring)))
         self.run_dir.assemble(self.job.output, self.out.rows)
         self.out.phase("write", time.perf_counter() - started)
 

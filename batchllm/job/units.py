@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from batchllm.job.rows import RowBlock
+from batchllm.job.score_sequences import score_sequences
+from batchllm.job.scoring import Continuations
 from batchllm.prefix_tree.nodes import node_levels, subtree_reduce
 from batchllm.prefix_tree.plan import Plan
 from batchllm.scheduler.block_pool import blocks_for
@@ -45,6 +47,7 @@ class WorkUnit:
     node_tokens: list[np.ndarray]  # [nodes] each prefix's tokens, from the start of the prompt
     node_keys: tuple[int, ...]  # [nodes] each prefix's content key (see prefix_key), the same on any unit
     work: int  # predicted, see the module docstring
+    continuations: list[Continuations] | None = None  # [rows] what each row scores (scoring jobs)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,6 +63,11 @@ class WorkUnit:
     def kv_blocks(self, block_size: int, max_new_tokens: int) -> tuple[int, int]:
         """(blocks to hold all the unit at once, blocks the longest row needs beside its prefixes)."""
         rows = [blocks_for(len(p) + max_new_tokens, block_size) for p in self.token_ids]
+        if self.continuations is not None:  # a row prefix, and per continuation a copied block and its own
+            rows = [
+                blocks_for(len(p), block_size) + sum(blocks_for(len(c), block_size) + 1 for c in cont.ids)
+                for p, cont in zip(self.token_ids, self.continuations)
+            ]
         needed = sum(rows) + 2 * self.num_groups + 1
         least = max(rows, default=0) + self.depth + 1
         return needed, least
@@ -107,6 +115,9 @@ class WorkUnit:
             rep=rep,
             order=np.asarray(order, dtype=np.int64),
             row_node=self.row_node[kept],
+            continuations=None
+            if self.continuations is None
+            else [self.continuations[i] for i in kept.tolist()],
             work=max(1, self.work * len(order) // max(1, len(self.order))),
         )
 
@@ -129,7 +140,10 @@ def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Ite
     A row's ``index`` is its unit-local row, a prefix's its unit node id. A prefix found in ``live``
     (by key: prefilled by an earlier unit and kept, under the same parent) is not yielded again: the
     unit's rows beneath it are added to its pending rows and borrow its KV."""
-    direct = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
+    weights = None  # a scoring row is one sequence per continuation, each holding its prefixes
+    if unit.continuations is not None:
+        weights = np.asarray([len(unit.continuations[r]) for r in unit.order.tolist()], dtype=np.int64)
+    direct = np.bincount(unit.row_node[unit.order], weights, len(unit.node_parent)).astype(np.int64)
     pending = subtree_reduce(unit.node_parent, direct)
     nodes: dict[int, Seq] = {}
 
@@ -148,6 +162,9 @@ def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Ite
         nodes[node_id] = seq
         yield seq
 
+    if unit.continuations is not None:
+        yield from score_sequences(unit, node_seq, nodes)
+        return
     for row in unit.order.tolist():
         node_id = int(unit.row_node[row])
         yield from node_seq(node_id)
@@ -162,6 +179,7 @@ class PlannedRows:
     token_ids: list[np.ndarray]
     keys: list[int]
     max_new_tokens: int
+    continuations: list[Continuations] | None = None  # scoring jobs: what each row scores
 
 
 def split_plan(plan: Plan, planned: PlannedRows, workers: int, prefix: str = "u") -> list[WorkUnit]:
@@ -254,6 +272,9 @@ def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) 
         node_tokens=node_tokens,
         node_keys=tuple(prefix_key(t) for t in node_tokens),
         work=work + reps.size * planned.max_new_tokens,
+        continuations=None
+        if planned.continuations is None
+        else [planned.continuations[i] for i in members.tolist()],
     )
 
 

@@ -44,6 +44,8 @@ class Seq:
     score_start: int = 0  # SCORE: len(prompt); position p's logits score continuation token p + 1
     score_last: int = 0  # SCORE: the continuation's last token, scored at the last position, never fed
     scored: list[float] = field(default_factory=list)  # SCORE: log-prob of each continuation token
+    choice: int = 0  # SCORE: which of its row's continuations this is
+    of_row: bool = False  # PREFIX: one row's prompt less its last token, shared by its SCORE sequences
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
