@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,6 +17,9 @@ import pytest
 from hf_reference import hf_continuation_logprobs
 from test_run import PREFIX, run_cli, write_rows
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from batchllm.cli import app
 
 CHOICES = ["positive", " negative", "neutral mostly"]  # different lengths; exact text, spaces kept
 
@@ -128,3 +135,40 @@ def test_bad_scoring_settings_are_job_errors(tmp_path, tiny_models, flags, messa
     code, out = run_cli(inp, "--model", tiny_models["llama"], "--output", tmp_path / "o.parquet", *flags)
     assert code == 2, out
     assert message in out and len(out.strip().splitlines()) == 1
+
+
+def test_killed_scoring_job_resumes_and_refuses_changed_choices(tmp_path, tiny_models, make_rows):
+    texts = make_rows(num_groups=3, rows_per_group=5, duplicates=2, seed=10)
+    inp = write_rows(tmp_path / "in.parquet", texts, options=[["yes", " no", "maybe"]] * len(texts))
+    base = ["run", str(inp), "--model", str(tiny_models["qwen2"]), "--quiet", "--checkpoint-rows", "2"]
+    flags = ["--choices-column", "options", "--window", "8"]
+
+    def cli(name: str, *extra: str, env: dict | None = None):
+        cmd = [*base, "--output", str(tmp_path / f"{name}.parquet"), *flags, *extra]
+        if env is None:
+            return CliRunner().invoke(app, cmd).exit_code
+        proc = [sys.executable, "-m", "batchllm", *cmd]
+        return subprocess.run(proc, env={**os.environ, **env}, capture_output=True, timeout=300).returncode
+
+    assert cli("reference") == 0
+    assert cli("resumed", env={"BATCHLLM_CRASH_AT": "commit:3"}) == -signal.SIGKILL
+    assert not (tmp_path / "resumed.parquet").exists()
+    assert cli("resumed", "--token-budget", "64") == 0  # speed settings may change on resume
+    got, want = (pq.read_table(tmp_path / f"{n}.parquet") for n in ("resumed", "reference"))
+    # batches differ after a resume, so float sums may differ in their last bits; the rest is exact
+    assert got.drop_columns(["label_logprobs"]).equals(want.drop_columns(["label_logprobs"]))
+    for a, b in zip(got["label_logprobs"].to_pylist(), want["label_logprobs"].to_pylist()):
+        assert a == pytest.approx(b, abs=1e-5)
+    result = CliRunner().invoke(
+        app,
+        [
+            *base,
+            "--output",
+            str(tmp_path / "resumed.parquet"),
+            "--choices-column",
+            "options",
+            "--choice-score",
+            "mean",
+        ],
+    )
+    assert result.exit_code == 2 and "scoring changed" in result.output
