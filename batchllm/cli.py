@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.config import EngineConfig, JobSpec, SamplingParams, ScoringParams
 from batchllm.errors import JobError, SettingError
 from batchllm.job.job_file import job_spec, merge_job_file, read_prefix
 
@@ -107,6 +107,9 @@ def plan(
     format: Annotated[str | None, Opt()] = None,
     chat: Annotated[bool, Opt()] = False,
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
+    choices: Annotated[str | None, Opt(help="As for run: count the choice sequences.")] = None,
+    choices_column: Annotated[str | None, Opt(help="As for run.")] = None,
+    score_column: Annotated[str | None, Opt(help="As for run.")] = None,
     prefix_sharing: Annotated[bool, Opt()] = True,
     window: Annotated[int, Opt(help="As for run.")] = 0,
     workers: Annotated[
@@ -130,6 +133,9 @@ def plan(
             chat=chat,
             sampling=SamplingParams(max_new_tokens=max_new_tokens),
             engine=EngineConfig(prefix_sharing=prefix_sharing),
+            scoring=ScoringParams(
+                tuple(choices.split(",")) if choices else (), choices_column, "sum", score_column
+            ),
             window_rows=window,
             workers=workers,
         )

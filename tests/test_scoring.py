@@ -59,10 +59,14 @@ def check_choices(model: Path, rows: list[dict], texts: list[str], choices: list
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_choices_match_transformers(tmp_path, tiny_models, make_rows, family):
     texts = make_rows(num_groups=3, rows_per_group=4, duplicates=2, seed=5)
+    tok = AutoTokenizer.from_pretrained(tiny_models[family])
     table, report = score_job(tmp_path, tiny_models[family], texts, "--choices", ",".join(CHOICES))
     assert table.schema.field("label_logprobs").type.value_type == "double"
     check_choices(tiny_models[family], table.to_pylist(), texts, [CHOICES] * len(texts))
     assert report["rows_failed"] == 0 and report["output_tokens"] == 0
+    choice_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in CHOICES]
+    reps = len(set(texts))  # duplicate rows copy their original's scores
+    assert report["scored_rows"] == len(texts) and report["scored_tokens"] == reps * sum(choice_tokens)
     assert report["cached_tokens"] > 0  # the rows' shared instruction was computed once
     assert report["prefill_tokens_computed"] < report["prompt_tokens"]
 
@@ -172,3 +176,19 @@ def test_killed_scoring_job_resumes_and_refuses_changed_choices(tmp_path, tiny_m
         ],
     )
     assert result.exit_code == 2 and "scoring changed" in result.output
+
+
+def test_plan_counts_choice_sequences_and_the_run_computes_them(tmp_path, tiny_models, make_rows):
+    """Each prompt once (its shared prefixes once per window) and each choice's own tokens once."""
+    model, texts = tiny_models["llama"], make_rows(num_groups=2, rows_per_group=4, seed=12)
+    table, report = score_job(tmp_path, model, texts, "--choices", "yes,no,maybe")
+    args = ["plan", str(tmp_path / "in.parquet"), "--model", str(model), "--choices", "yes,no,maybe"]
+    result = CliRunner().invoke(app, [*args, "--prefix", str(tmp_path / "prefix.txt"), "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    tok = AutoTokenizer.from_pretrained(model)
+    own = sum(len(tok(c, add_special_tokens=False)["input_ids"]) for c in ("yes", "no", "maybe"))
+    assert figures["score_sequences"] == 3 * len(texts) and figures["score_tokens"] == own * len(texts)
+    planned = figures["prefill_tokens_planned"] - len(texts) + own * len(texts)
+    assert figures["prefill_tokens_planned_scoring"] == planned == report["prefill_tokens_computed"]
+    assert planned <= report["unique_prompt_tokens"] + own * len(texts)

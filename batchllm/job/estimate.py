@@ -12,6 +12,7 @@ from batchllm.config import JobSpec
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
 from batchllm.job.assignment import simulate
+from batchllm.job.scoring import input_keep_columns, score_inputs, scoring_figures
 from batchllm.job.units import PlannedRows, split_plan
 from batchllm.job.windows import Window, read_windows, row_keys
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
@@ -22,21 +23,31 @@ from batchllm.prefix_tree.seqs import TokenSeqs
 
 def plan_job(job: JobSpec) -> dict:
     """The plan figures of the whole job (its windows combined), as ``batchllm run`` would plan it."""
-    source = open_input(job.input, job.format, job.column, job.id_column, job.keep_columns)
+    source = open_input(job.input, job.format, job.column, job.id_column, input_keep_columns(job))
     model_path = resolve_model_path(job.model)
     mcfg = load_model_config(model_path)
-    prompter = Prompter(load_tokenizer(model_path), job.prefix, job.chat)
+    tokenizer = load_tokenizer(model_path)
+    prompter = Prompter(tokenizer, job.prefix, job.chat)
+    scorer = score_inputs(job, tokenizer, mcfg.max_position_embeddings)
     skip = np.zeros(source.num_rows, dtype=bool)
-    windows = read_windows(
-        source, prompter, job.window_rows, job.sampling.max_new_tokens, mcfg.max_position_embeddings, skip
-    )
+    max_new = job.sampling.max_new_tokens if scorer is None else 0
+    windows = read_windows(source, prompter, job.window_rows, max_new, mcfg.max_position_embeddings, skip)
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     share = job.engine.prefix_sharing
     per_worker: dict[str, dict[str, int]] = {}
+    scoring: dict[str, int] = {}
     for window in windows:
+        conts = None
+        if scorer is not None:
+            window, conts = scorer.prepare(window)
+            conts = [conts[i] for i in window.runnable().tolist()]
         prompts = [window.token_ids[i] for i in window.runnable()]
-        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy)
+        dedup = share and job.sampling.greedy and job.scoring.column is None
+        plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
         stats.append(plan.stats)
+        if conts is not None:
+            for key, value in scoring_figures(plan, conts).items():
+                scoring[key] = scoring.get(key, 0) + value
         if (job.workers or 1) > 1:
             _add_workers(per_worker, _worker_estimate(job, window, plan))
         failed += window.num_failed
@@ -51,6 +62,7 @@ def plan_job(job: JobSpec) -> dict:
         "prefill_flops_with_sharing": flops_shared,
         "prefill_flops_without_sharing": flops_plain,
         "model": job.model,
+        **scoring,
         **_workers_figures(per_worker),
     }
 

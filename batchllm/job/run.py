@@ -291,5 +291,5 @@ class Job:
             unique_prompt_tokens=plan["unique_prompt_tokens"], prefill_tokens_computed=e.prefill_tokens,
             preemptions=out.preemptions, peak_kv_blocks=out.peak_kv_blocks, kv_blocks=out.kv_blocks,
             **{k: plan[k] for k in GROUP_KEYS}, kv_samples=e.kv_samples[-2000:], workers=out.per_worker,
-            worker_retries=out.worker_retries,
+            worker_retries=out.worker_retries, scored_tokens=e.scored_tokens,
         )  # fmt: skip

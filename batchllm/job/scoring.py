@@ -26,6 +26,7 @@ import pyarrow as pa
 from batchllm.config import JobSpec, ScoringParams
 from batchllm.errors import JobError
 from batchllm.job.windows import Window
+from batchllm.prefix_tree.plan import Plan
 
 CHOICE_COLUMNS = pa.schema([("label", pa.string()), ("label_logprobs", pa.list_(pa.float64()))])
 SCORE_COLUMNS = pa.schema([("score_logprob", pa.float64()), ("score_tokens", pa.int32())])
@@ -163,3 +164,16 @@ class ScoreInputs:
         if total > self.max_positions:
             return f"prompt and continuation have {total} tokens, over the model's {self.max_positions}"
         return None
+
+
+def scoring_figures(plan: Plan, rows: list[Continuations]) -> dict[str, int]:
+    """What ``batchllm plan`` adds for a scoring job: SCORE sequences, their scored tokens, and the
+    prefill tokens the engine will compute (see ``job.score_sequences``). Per representative row: its
+    prompt beyond its plan prefix, less the last token, once; each continuation's own tokens."""
+    reps = plan.row_order.tolist()
+    own = sum(sum(len(ids) for ids in rows[r].ids) for r in reps)
+    return {
+        "score_sequences": sum(len(rows[r]) for r in reps),
+        "score_tokens": own,
+        "prefill_tokens_planned_scoring": plan.stats.prefill_tokens_planned - len(reps) + own,
+    }
