@@ -192,3 +192,13 @@ def test_plan_counts_choice_sequences_and_the_run_computes_them(tmp_path, tiny_m
     planned = figures["prefill_tokens_planned"] - len(texts) + own * len(texts)
     assert figures["prefill_tokens_planned_scoring"] == planned == report["prefill_tokens_computed"]
     assert planned <= report["unique_prompt_tokens"] + own * len(texts)
+
+
+def test_choices_on_the_triton_backend(tmp_path, tiny_models, make_rows):
+    """The Triton kernels (interpreted on CPU) give the same log-probs; prefix-aware paths included."""
+    model = tiny_models["qwen3"]
+    texts = make_rows(num_groups=2, rows_per_group=2, seed=13, instruction_words=20)
+    flags = ("--choices", "yes, no", "--attention-backend", "triton")
+    table, report = score_job(tmp_path, model, texts, *flags)
+    check_choices(model, table.to_pylist(), texts, [["yes", " no"]] * len(texts))
+    assert report["cached_tokens"] > 0
