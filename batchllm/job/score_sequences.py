@@ -10,8 +10,9 @@ So the prompt is computed once and each choice's own tokens once. A row with one
 prompt the plan prefix covers but its last token) hangs its sequences under the plan prefix directly.
 
 A sequence waits until its prefix is prefilled, and the scheduler admits in order; so rows go in
-batches: the row prefixes of up to ``ROWS_PER_BATCH`` rows under one plan prefix, then their SCORE
-sequences, so one step prefills many row prefixes and the next scores all their choices.
+batches of ``ROWS_PER_BATCH`` (in execution order): the plan prefixes they need, then their row
+prefixes, then their SCORE sequences. So a few steps prefill a batch's prefixes, level by level, and
+the next scores all its choices, instead of two steps per row.
 """
 
 from __future__ import annotations
@@ -32,30 +33,19 @@ def score_sequences(
 ) -> Iterator[Seq]:
     """The unit's work in execution order; ``node_seq(v)`` yields plan prefix v (and its ancestors)
     the first time it is needed, and ``nodes`` then holds it."""
-    for batch in _batches(unit):
-        node_id = int(unit.row_node[batch[0]])
-        yield from node_seq(node_id)
-        parent = nodes.get(node_id)
-        heads = [_row_prefix(unit, row, parent) for row in batch]
-        yield from (head for head in heads if head is not parent)
+    order = unit.order.tolist()
+    for lo in range(0, len(order), ROWS_PER_BATCH):
+        batch = order[lo : lo + ROWS_PER_BATCH]
+        for row in batch:
+            yield from node_seq(int(unit.row_node[row]))
+        heads = [_row_prefix(unit, row, nodes.get(int(unit.row_node[row]))) for row in batch]
+        yield from (head for head in heads if head is not None and head.of_row)
         for row, head in zip(batch, heads):
             prompt = unit.token_ids[row].tolist()
             for choice, ids in enumerate(unit.continuations[row].ids):
                 seq = Seq.score(row, prompt, ids.tolist(), head)
                 seq.choice = choice
                 yield seq
-
-
-def _batches(unit: WorkUnit) -> Iterator[list[int]]:
-    """Runs of consecutive rows (in execution order) under one plan prefix, at most ROWS_PER_BATCH."""
-    batch: list[int] = []
-    for row in unit.order.tolist():
-        if batch and (len(batch) == ROWS_PER_BATCH or unit.row_node[row] != unit.row_node[batch[0]]):
-            yield batch
-            batch = []
-        batch.append(row)
-    if batch:
-        yield batch
 
 
 def _row_prefix(unit: WorkUnit, row: int, parent: Seq | None) -> Seq | None:
