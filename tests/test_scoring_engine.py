@@ -58,3 +58,32 @@ def test_scored_logprobs_match_transformers(tiny_models, family, token_budget):
     assert stats.decode_tokens == 0
     assert stats.scored_tokens == sum(len(c) for _, c in cases)
     assert engine.scheduler.pool.num_used == 0
+
+
+def test_score_inputs_row_errors(tokenizer_dir):
+    """Bad continuations fail their own row; a too-long one is named; the column is dropped unless kept."""
+    import numpy as np
+    import pyarrow as pa
+
+    from batchllm.config import JobSpec, ScoringParams
+    from batchllm.job.scoring import score_inputs
+    from batchllm.job.windows import Window
+
+    options = [["yes", "no"], [], None, ["a", ""], ["x", "x"], ["word " * 40], ["fine"]]
+    n = len(options)
+    prompts = [np.arange(1, 9, dtype=np.int32)] * (n - 1) + [None]
+    window = Window(
+        0, pa.array(range(n)), pa.table({"options": options}), prompts, [None] * (n - 1) + ["text is null"],
+        np.zeros(n, dtype=bool),
+    )  # fmt: skip
+    job = JobSpec(input=tokenizer_dir / "in.jsonl", model="m", output=tokenizer_dir / "o.parquet",
+                  scoring=ScoringParams(choices_column="options"))  # fmt: skip
+    tok = load_tokenizer(tokenizer_dir)
+    window, rows = score_inputs(job, tok, max_positions=32).prepare(window)
+    assert window.keep is None
+    assert [e is None for e in window.errors] == [True, False, False, False, False, False, False]
+    assert "empty list" in window.errors[1] and "null" in window.errors[2]
+    assert "non-empty" in window.errors[3] and "twice" in window.errors[4]
+    assert "over the model's 32" in window.errors[5] and window.errors[6] == "text is null"
+    assert rows[0].texts == ["yes", "no"] and all(len(ids) for ids in rows[0].ids)
+    assert rows[1:] == [None] * (n - 1)
