@@ -38,14 +38,17 @@ def _work(seed: int, vocab: int = 500) -> tuple[list[Seq], list[tuple[list[int],
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("token_budget, kv_blocks", [(8192, 256), (7, 256), (5, 16)])
-def test_scored_logprobs_match_transformers(tiny_models, family, token_budget, kv_blocks):
-    """Whole prefills, chunked ones (a continuation split over steps), and a pool that admits only
-    a few sequences at a time."""
+@pytest.mark.parametrize(
+    "token_budget, kv_blocks, overlap", [(8192, 256, False), (7, 256, False), (5, 16, False), (7, 256, True)]
+)
+def test_scored_logprobs_match_transformers(tiny_models, family, token_budget, kv_blocks, overlap):
+    """Whole prefills, chunked ones (a continuation split over steps), a pool that admits only a few
+    sequences at a time, and the overlapped loop CUDA uses (a step read back after the next launch)."""
     path = tiny_models[family]
     cfg = EngineConfig(device="cpu", dtype="float32", block_size=4, token_budget=token_budget)
     host = ModelHost(path, load_model_config(path), load_tokenizer(path), cfg, SamplingParams())
     engine = host.engine(kv_blocks, 16)
+    engine.overlap = overlap
     work, cases = _work(seed=1)
     done: list[Seq] = []
     stats = engine.run(work, done.append)

@@ -53,7 +53,9 @@ def step_inputs(step: Step, block_size: int, spans: ScoreSpans | None = None) ->
     slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     ends = qsl[1:].astype(np.int64) - 1
     groups = shared = None
-    if total == n:  # decode groups: the kernels' cascade path runs in one-token steps
+    # Decode groups: the kernels' cascade path runs in one-token steps. Not for a step that scores
+    # (one-token choices): its groups are a row's few choices, too small for the cascade to pay.
+    if total == n and step.scoring is None:
         groups = np.append(step.group_starts, np.int32(n)).astype(np.int32)
         shared = step.shared_blocks.astype(np.int32)
     score_rows = spans.token_rows(qsl, starts) if spans is not None else None
