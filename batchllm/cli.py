@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.config import EngineConfig, JobSpec, SamplingParams, ScoringParams
 from batchllm.errors import JobError, SettingError
 from batchllm.job.job_file import job_spec, merge_job_file, read_prefix
 
@@ -78,6 +78,16 @@ def run(
     schema_in_prompt: Annotated[
         bool, Opt(help="With --chat: put the JSON Schema into the system message.")
     ] = False,
+    choices: Annotated[
+        str | None, Opt(help="Score these comma-separated choices instead of generating (exact text).")
+    ] = None,
+    choices_column: Annotated[str | None, Opt(help="Score each row's list of choices in this column.")] = (
+        None
+    ),
+    choice_score: Annotated[str, Opt(help="sum | mean (per token) of a choice's log-probs.")] = "sum",
+    score_column: Annotated[
+        str | None, Opt(help="Score this column's text as the prompt's continuation.")
+    ] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, Opt(help="auto | float32 | bfloat16 | float16")] = "auto",
     token_budget: Annotated[int, Opt(help="New tokens per engine step.")] = 8192,
@@ -127,6 +137,9 @@ def plan(
     chat: Annotated[bool, Opt()] = False,
     max_new_tokens: Annotated[int, Opt(help="As for run: rows too long for it are errors.")] = 256,
     n: Annotated[int, Opt("--n", help="As for run: every row planned as N sample sequences.", min=1)] = 1,
+    choices: Annotated[str | None, Opt(help="As for run: count the choice sequences.")] = None,
+    choices_column: Annotated[str | None, Opt(help="As for run.")] = None,
+    score_column: Annotated[str | None, Opt(help="As for run.")] = None,
     prefix_sharing: Annotated[bool, Opt()] = True,
     window: Annotated[int, Opt(help="As for run.")] = 0,
     workers: Annotated[
@@ -151,6 +164,9 @@ def plan(
             chat=chat,
             sampling=SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=1.0 if n > 1 else 0.0),
             engine=EngineConfig(prefix_sharing=prefix_sharing),
+            scoring=ScoringParams(
+                tuple(choices.split(",")) if choices else (), choices_column, "sum", score_column
+            ),
             window_rows=window,
             workers=workers,
         )

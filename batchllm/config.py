@@ -74,6 +74,55 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ScoringParams:
+    """Scoring instead of generation (see ``job.scoring``): each choice's log-probability given the
+    prompt (``choices`` for every row, or a list column), or one given continuation's (``score_column``)."""
+
+    choices: tuple[str, ...] = ()
+    choices_column: str | None = None
+    choice_score: str = "sum"  # sum | mean (per token)
+    score_column: str | None = None
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for choice in check_strings("choices", self.choices):
+            if not choice:
+                raise SettingError("choices", "must not hold an empty choice")
+            if choice in seen:
+                raise SettingError("choices", f"names {choice!r} twice; list each choice once")
+            seen.add(choice)
+        _check_choice("choice-score", self.choice_score, ("sum", "mean"))
+        for name in ("choices-column", "score-column"):
+            value = getattr(self, name.replace("-", "_"))
+            if value is not None and not check_str(name, value):
+                raise SettingError(name, "must not be empty")
+        given = [n for n, v in self._modes().items() if v]
+        if len(given) > 1:
+            raise SettingError(given[1], f"cannot be combined with {given[0]}; a job scores one way")
+
+    def _modes(self) -> dict[str, bool]:
+        return {
+            "choices": bool(self.choices),
+            "choices-column": self.choices_column is not None,
+            "score-column": self.score_column is not None,
+        }
+
+    @property
+    def enabled(self) -> bool:
+        return any(self._modes().values())
+
+    @property
+    def flag(self) -> str | None:
+        """The flag that turns scoring on (``choices``, ``choices-column``, ``score-column``)."""
+        return next((name for name, given in self._modes().items() if given), None)
+
+    @property
+    def column(self) -> str | None:
+        """The input column scoring reads per row, if any."""
+        return self.choices_column or self.score_column
+
+
+@dataclass(frozen=True)
 class JobSpec:
     input: Path
     model: str
@@ -86,6 +135,7 @@ class JobSpec:
     chat: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    scoring: ScoringParams = field(default_factory=ScoringParams)
     report: Path | None = None
     progress: bool = True
     run_dir: Path | None = None  # None: <output>.run/ next to the output
@@ -111,6 +161,7 @@ class JobSpec:
         if self.format is not None:
             _check_choice("format", self.format, ("parquet", "jsonl", "openai"))
         self._check_columns()
+        self._check_scoring()
         check_bool("chat", self.chat)
         check_bool("progress", self.progress)
         check_bool("explode-samples", self.explode_samples)
@@ -150,6 +201,20 @@ class JobSpec:
             if name in seen:
                 raise SettingError("keep-columns", f"names {name!r} twice; list each column once")
             seen.add(name)
+
+    def _check_scoring(self) -> None:
+        """Scoring replaces generation for the whole job: flags that only shape generated text are refused."""
+        if not self.scoring.enabled:
+            return
+        s, flag = self.sampling, self.scoring.flag
+        changed = {"temperature": s.temperature != 0, "top-p": s.top_p != 1, "top-k": s.top_k != 0}
+        changed.update({"stop": bool(s.stop), "ignore-eos": s.ignore_eos})
+        for name, differs in changed.items():
+            if differs:
+                raise SettingError(name, f"shapes generated text, and --{flag} scores instead of generating")
+        column = self.scoring.column
+        if column is not None and column in (self.column, self.id_column):
+            raise SettingError(flag, f"column {column!r} is also the text or id column")
 
 
 def check_int(name: str, value: object, minimum: int | None = None, note: str = "") -> int:

@@ -62,3 +62,14 @@ def _generate_one(model: PreTrainedModel, prompt: list[int], config: GenerationC
         input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
     )  # [1, prompt_len + generated]
     return output[0, len(prompt) :].tolist()
+
+
+@torch.no_grad()
+def hf_continuation_logprobs(model_dir: Path, prompt: list[int], continuation: list[int]) -> list[float]:
+    """Transformers' float32 forward log-softmax of each ``continuation`` token after ``prompt`` and
+    the continuation tokens before it (what ``--choices`` and ``--score-column`` report)."""
+    model = load_hf_model(Path(model_dir))
+    ids = torch.tensor([list(prompt) + list(continuation)])  # [1, prompt + continuation]
+    logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    positions = range(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+    return [logp[p, t].item() for p, t in zip(positions, continuation)]

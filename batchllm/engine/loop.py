@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchllm.engine.guide import Guide
-from batchllm.engine.model_runner import ModelRunner
+from batchllm.engine.model_runner import ModelRunner, StepOutput
 from batchllm.engine.sampled import LogprobLog, Sampled, StepLogprobs
 from batchllm.engine.stopping import StopChecker
 from batchllm.errors import Interrupted
@@ -33,6 +33,7 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # tokens run through the model for prompts, recomputation included
     decode_tokens: int = 0
+    scored_tokens: int = 0  # continuation tokens whose log-prob was read (--choices, --score-column)
     prompt_step_seconds: float = 0.0  # wall time of steps that carried prompt tokens (mixed ones too)
     decode_step_seconds: float = 0.0  # wall time of steps of decode tokens only
     kv_samples: list[tuple[float, int]] = field(default_factory=list)  # (time, blocks in use)
@@ -44,6 +45,7 @@ class EngineStats:
         self.steps += other.steps
         self.prefill_tokens += other.prefill_tokens
         self.decode_tokens += other.decode_tokens
+        self.scored_tokens += other.scored_tokens
         self.prompt_step_seconds += other.prompt_step_seconds
         self.decode_step_seconds += other.decode_step_seconds
         self.kv_samples.extend(other.kv_samples)
@@ -77,6 +79,7 @@ class Launched:
     sampled: Sampled  # its tokens (int64 [rows sampled]) on the device, and logprobs if asked for
     epoch: int  # the batch state's epoch after the step was launched: its slots are valid while equal
     finished: int  # rows finished before the step was launched
+    output: StepOutput | None = None  # the step's scored log-probs, if it scores anything
 
 
 class Engine:
@@ -125,9 +128,9 @@ class Engine:
                 pending = None
                 continue
             mask = self.guide.mask(step) if self.guide is not None else None
-            sampled = self.runner.launch(step, pending.sampled.tokens if pending else None, mask)
+            output = self.runner.launch_step(step, pending.sampled.tokens if pending else None, mask)
             sched.after_step(step)
-            launched = Launched(step, sampled, sched.batch.epoch, sched.num_finished)
+            launched = Launched(step, output.sampled, sched.batch.epoch, sched.num_finished, output)
             if pending is not None:
                 self._retire(pending, on_finish)
             pending = launched
@@ -176,6 +179,28 @@ class Engine:
         for i, reason in reasons.items():
             sched.finish(seqs[i], reason)
             on_finish(seqs[i])
+        if launched.step.scoring is not None:
+            self._retire_scored(launched, on_finish)
+
+    def _retire_scored(self, launched: Launched, on_finish: Callable[[Seq], None]) -> None:
+        """Scored log-probs join their SCORE sequences; one whose chunk reached its end is finished
+        ("scored"): it never decodes."""
+        step, output = launched.step, launched.output
+        spans = output.spans if output is not None else None
+        if spans is not None:
+            values = output.scored.tolist()
+            self.stats.scored_tokens += len(values)
+            offset = 0
+            for row, first, count in zip(spans.rows.tolist(), spans.first.tolist(), spans.counts.tolist()):
+                seq = step.seqs[row]
+                lo = first - (seq.score_start - 1)
+                seq.scored[lo : lo + count] = values[offset : offset + count]
+                offset += count
+        for row in np.flatnonzero(step.scoring & step.tail).tolist():
+            seq = step.seqs[row]
+            if seq.finish_reason is None:
+                self.scheduler.finish(seq, "scored")
+                on_finish(seq)
 
     def _append_to_live(
         self, seqs: list[Seq], tokens: list[int], num_output: np.ndarray, live: list[int]

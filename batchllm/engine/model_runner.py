@@ -17,6 +17,7 @@ from batchllm.engine.logprobs import gather_logprobs
 from batchllm.engine.row_sampling import sample_rows
 from batchllm.engine.sampled import Sampled
 from batchllm.engine.sampling import sample
+from batchllm.engine.score_positions import ScoreSpans, score_spans
 from batchllm.engine.staging import Staging
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.engine.token_mask import apply_mask
@@ -25,6 +26,15 @@ from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
 from batchllm.scheduler.step import Step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """A launched step's results, still on the device until the engine reads them (one sync)."""
+
+    sampled: Sampled  # the sampled rows' tokens (int64 [rows sampled]), and logprobs if asked for
+    scored: torch.Tensor | None = None  # float32 [scored positions], in ``spans`` order
+    spans: ScoreSpans | None = None
 
 
 class ModelRunner:
@@ -44,15 +54,22 @@ class ModelRunner:
         self.device = kv_caches[0][0].device
         self.staging = Staging(self.device)
 
-    @torch.inference_mode()
     def launch(
         self, step: Step, prev_sampled: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> Sampled:
         """Enqueues ``step``; returns the sampled token of every row with ``sample``, in step order (int64,
         on the device), with their raw logprobs under ``--logprobs`` (``Sampled.read`` is the one sync).
         ``mask``: allowed tokens of the sampled rows, a packed CPU bitmask (structured output), or None."""
+        return self.launch_step(step, prev_sampled, mask).sampled
+
+    @torch.inference_mode()
+    def launch_step(
+        self, step: Step, prev_sampled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> StepOutput:
+        """``launch``, and the log-probs of the step's scored positions (see ``score_positions``)."""
         self._copy_blocks(step.block_copies)
-        inputs = step_inputs(step, self.block_size)
+        spans = score_spans(step)
+        inputs = step_inputs(step, self.block_size, spans)
         dev = self.staging.send(inputs.host_arrays())
         input_ids = dev["input_ids"]
         if prev_sampled is not None and len(step.prev_rows):
@@ -60,13 +77,18 @@ class ModelRunner:
             input_ids[rows] = prev_sampled[torch.from_numpy(step.prev_index).to(self.device)]
         meta = self._metadata(step, inputs, dev)
         hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
+        scored = None
+        if spans is not None:
+            logits = self.model.compute_logits(hidden[dev["score_rows"]])
+            scored = gather_logprobs(logits, dev["score_targets"]).chosen
         if not len(inputs.logit_rows):
-            return Sampled(torch.empty(0, dtype=torch.long, device=self.device))
+            return StepOutput(Sampled(torch.empty(0, dtype=torch.long, device=self.device)), scored, spans)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         k = self.sampling.logprobs
         raw = logits.clone() if k and mask is not None else logits  # logprobs are the model's, unmasked
         tokens = self._sample(step.sampled_seqs, logits, step.num_output, mask)
-        return Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
+        sampled = Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
+        return StepOutput(sampled, scored, spans)
 
     def _sample(
         self, seqs: list, logits: torch.Tensor, num_output, mask: torch.Tensor | None

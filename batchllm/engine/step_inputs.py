@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchllm.engine.score_positions import ScoreSpans
 from batchllm.scheduler.step import Step
 
 
@@ -29,13 +30,15 @@ class StepInputs:
     logit_rows: np.ndarray  # int64 [num sampled], the token whose hidden state gives each row's logits
     group_start_loc: np.ndarray | None  # int32 [groups + 1], decode steps only
     shared_blocks: np.ndarray | None  # int32 [groups]
+    score_rows: np.ndarray | None = None  # int64 [scored], tokens whose logits score the next token
+    score_targets: np.ndarray | None = None  # int64 [scored], the token each of them scores
 
     def host_arrays(self) -> dict[str, np.ndarray]:
         """Every array that goes to the device, by field name."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def step_inputs(step: Step, block_size: int) -> StepInputs:
+def step_inputs(step: Step, block_size: int, spans: ScoreSpans | None = None) -> StepInputs:
     q, starts = step.query_lens, step.starts
     n = len(q)
     qsl = np.zeros(n + 1, dtype=np.int32)
@@ -50,12 +53,15 @@ def step_inputs(step: Step, block_size: int) -> StepInputs:
     slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     ends = qsl[1:].astype(np.int64) - 1
     groups = shared = None
-    if total == n:  # decode groups: the kernels' cascade path runs in one-token steps
+    # Decode groups: the kernels' cascade path runs in one-token steps. Not for a step that scores
+    # (one-token choices): its groups are a row's few choices, too small for the cascade to pay.
+    if total == n and step.scoring is None:
         groups = np.append(step.group_starts, np.int32(n)).astype(np.int32)
         shared = step.shared_blocks.astype(np.int32)
+    score_rows = spans.token_rows(qsl, starts) if spans is not None else None
     return StepInputs(
         _input_ids(step, qsl, total), positions, slots, qsl, (starts + q).astype(np.int32), tables,
-        ends[step.sample], groups, shared,
+        ends[step.sample], groups, shared, score_rows, spans.targets(step) if spans is not None else None,
     )  # fmt: skip
 
 

@@ -71,7 +71,15 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "params_column": job.params_column,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
         **({"explode_samples": True} if job.explode_samples else {}),  # absent: manifests before the flag
+        "scoring": _scoring(job),
     }
+
+
+def _scoring(job: JobSpec) -> dict | None:
+    """The scoring settings (None for a generating job, like a manifest written before scoring)."""
+    if not job.scoring.enabled:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.scoring).items()}
 
 
 def check_or_write(run_dir: Path, fingerprint: dict, settings: dict, has_results: bool = False) -> bool:

@@ -34,7 +34,7 @@ from batchllm.io.shards import ShardFile, check_complete, encode, list_shards
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("id", "output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason", "error")
-FINISH_REASONS = frozenset({"stop", "length", "error"})
+FINISH_REASONS = frozenset({"stop", "length", "error", "scored"})  # scored: --choices, --score-column
 
 
 def check_keep_columns(keep_columns: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ from types import NoneType, UnionType
 
 import typer
 
-from batchllm.config import EngineConfig, JobSpec, SamplingParams
+from batchllm.config import EngineConfig, JobSpec, SamplingParams, ScoringParams
 from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import JobError, SettingError
 from batchllm.io.dataset import input_stem
@@ -28,7 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PATH_KEYS = ("input", "prefix", "output", "run_dir", "report", "output_dir", "json_schema", "grammar")
-LIST_KEYS = ("keep_columns", "stop")  # a string or a list of strings in a job file
+LIST_KEYS = ("keep_columns", "stop", "choices")  # a string or a list of strings in a job file
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ def _job_spec(p: Settings) -> JobSpec:
         chat=p["chat"],
         sampling=_sampling(p),
         engine=_engine(p),
+        scoring=_scoring(p),
         report=Path(p["report"]) if p["report"] else None,
         progress=not p["quiet"],
         run_dir=Path(p["run_dir"]) if p["run_dir"] else None,
@@ -215,6 +216,20 @@ def _sampling(p: Settings) -> SamplingParams:
         ignore_eos=p["ignore_eos"],
         n=p["n"],
         logprobs=p["logprobs"],
+    )
+
+
+def _scoring(p: Settings) -> ScoringParams:
+    """``--choices`` is comma-separated on the command line, a list (or that string) in a job file;
+    each choice is taken exactly, spaces included."""
+    choices = p["choices"]
+    if isinstance(choices, str):
+        choices = choices.split(",")
+    return ScoringParams(
+        choices=tuple(choices or ()),
+        choices_column=p["choices_column"],
+        choice_score=p["choice_score"],
+        score_column=p["score_column"],
     )
 
 

@@ -34,7 +34,7 @@ class LivePrefixes:
         """Before ``unit`` runs (its rows already attached to the held prefixes they need): hold the
         unit's new prefixes whose key is in ``keep``, and let go of held ones that are not."""
         for seq in new:
-            key = unit.node_keys[seq.index] if seq.kind is SeqKind.PREFIX else None
+            key = unit.node_keys[seq.index] if seq.kind is SeqKind.PREFIX and not seq.of_row else None
             if key in keep:
                 if key in self._held:  # the same tokens under another parent (another window's tree)
                     scheduler.release_prefix(self._held.pop(key))

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
@@ -28,7 +29,8 @@ SHARD_COLUMNS = ["finish_reason", "prompt_tokens", "output_tokens", "cached_toke
 
 def collect(run_dir: Path) -> dict:
     model, rows = _manifest(run_dir)
-    counts = RowCounts.of_table(_shards(run_dir))
+    shards = _shards(run_dir)
+    counts = RowCounts.of_table(shards)
     records, skipped = MetricsLog(run_dir).read()
     attempts = _attempts(records)
     prompt, output = counts.prompt_tokens, counts.output_tokens
@@ -45,6 +47,7 @@ def collect(run_dir: Path) -> dict:
         "prefill_tokens_computed": computed,
         "cached_tokens": counts.cached_tokens,
         "output_tokens": output,
+        **_scored(shards, attempts),
         # Only a finished run's ratio means anything: a run in progress has computed prefill for rows
         # it has not committed yet.
         "saving_ratio": (1 - computed / prompt if prompt else 0.0) if counts.rows == rows else None,
@@ -64,6 +67,16 @@ def collect(run_dir: Path) -> dict:
         "worker_retries": sum(1 for r in records if r["kind"] == "retry"),
         "model": model,
         "metrics_lines_skipped": skipped,
+    }
+
+
+def _scored(shards: pa.Table, attempts: list[dict]) -> dict[str, int]:
+    """Scoring jobs (``--choices``, ``--score-column``): rows scored, and continuation tokens whose
+    log-prob was read. Their computation is prefill (in ``prefill_tokens_computed``), never output."""
+    scored = pc.sum(pc.equal(shards["finish_reason"], "scored")).as_py() if shards.num_rows else 0
+    return {
+        "scored_rows": int(scored or 0),
+        "scored_tokens": sum(a.get("scored_tokens", 0) for a in attempts),
     }
 
 
@@ -166,6 +179,8 @@ def print_summary(report: dict, console: Console, title: str = "batchllm run") -
         ("peak KV blocks", f"{report['peak_kv_blocks']:,} of {report['kv_blocks']:,}"),
         ("preemptions", f"{report['preemptions']:,}"),
     ]
+    if report.get("scored_rows"):
+        rows.insert(5, ("scored rows / tokens", f"{report['scored_rows']:,} / {report['scored_tokens']:,}"))
     if report.get("constrained_rows"):
         rows.append(
             (

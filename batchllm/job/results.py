@@ -13,6 +13,7 @@ from batchllm.errors import Interrupted
 from batchllm.io.writer import RunDir
 from batchllm.job.counters import RowCounts
 from batchllm.job.rows import RowBlock
+from batchllm.job.scoring import append_columns
 
 
 class UnitResults:
@@ -27,6 +28,7 @@ class UnitResults:
         on_commit: Callable[[RowCounts], None],
         may_commit: Callable[[], bool] = lambda: True,
         extra_columns: Callable[[np.ndarray], dict[str, pa.Array]] | None = None,
+        extra_schema: pa.Schema | None = None,
     ) -> None:
         n = len(rows)
         self.rows = rows
@@ -36,6 +38,8 @@ class UnitResults:
         self.cached_tokens = np.zeros(n, dtype=np.int32)
         self.finish_reason: list[str] = ["error"] * n
         self.errors: list[str | None] = list(rows.errors)  # a finished row may add one (structured output)
+        self.extra_schema = extra_schema  # columns a scoring job adds (job.scoring)
+        self.extra: list[dict | None] = [None] * n if extra_schema is not None else []
         self.committed = RowCounts()
         self._pending: list[int] = []
         self._every_rows = every_rows
@@ -82,6 +86,8 @@ class UnitResults:
         )
         for name, column in (self._extra_columns(rows) if self._extra_columns else {}).items():
             table = table.append_column(name, column)
+        if self.extra_schema is not None:
+            table = append_columns(table, self.extra_schema, [self.extra[i] for i in rows])
         self.run_dir.commit(table)
         self._pending = []
         counts = RowCounts.of_table(table)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from batchllm.config import JobSpec
 from batchllm.engine.loop import EngineStats
@@ -38,6 +39,7 @@ from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
+from batchllm.job.scoring import append_columns, score_inputs, score_schema
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import split_plan
 from batchllm.job.window_plan import plan_window
@@ -101,6 +103,7 @@ class Job:
         tokenizer = load_tokenizer(model_path)
         self.prompter = Prompter(tokenizer, system_prefix(job), job.chat, self.source.messages)
         self.grammars = JobGrammars(job, tokenizer, self.mcfg) if is_constrained(job) else None
+        self.scorer = score_inputs(job, tokenizer, self.mcfg.max_position_embeddings)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
             self._open(model_path, tokenizer)
@@ -193,6 +196,7 @@ class Job:
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
         max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
+        max_new = 0 if self.scorer is not None else max_new  # scoring checks each row's own length
         source, prompter, rows = self.source, self.prompter, job.window_rows
         systems = self.grammars.row_systems() if self.grammars else None
         windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling, systems)
@@ -217,15 +221,18 @@ class Job:
 
     def _run_window(self, window: Window, number: int) -> None:
         job, out = self.job, self.out
+        continuations = None
+        if self.scorer is not None:
+            window, continuations = self.scorer.prepare(window)
         failed = window.failed()
         if failed.size:
-            table = pad_columns(window.block(failed).error_table(), job.sampling)
+            table = self._failed_table(window.block(failed))
             self.run_dir.commit(table)
             counts = RowCounts.of_table(table)
             self._committed(counts)
             self.progress.advance(counts)
         started = time.perf_counter()
-        planned = plan_window(job, window)
+        planned = plan_window(job, window, continuations)
         out.plan_stats.append(planned.plan.stats)
         units = split_plan(planned.plan, planned.planned, self.executor.workers, prefix=f"w{number}u")
         self.prefixes_done: set[int] = set()  # prefix keys some unit of this window prefilled
@@ -276,11 +283,16 @@ class Job:
     def _write(self) -> None:
         started = time.perf_counter()
         if self.out.rows == 0:
-            self.run_dir.commit(pad_columns(RowBlock.empty(self.source).error_table(), self.job.sampling))
+            self.run_dir.commit(self._failed_table(RowBlock.empty(self.source)))
         batch_model = self.job.model if getattr(self.source, "batch_output", False) else None
         finish = explode_samples if self.job.explode_samples else None
         self.run_dir.assemble(self.job.output, self.out.rows, self.parts, batch_model, finish)
         self.out.phase("write", time.perf_counter() - started)
+
+    def _failed_table(self, block: RowBlock) -> pa.Table:
+        """Error rows, with the (null) columns that samples, logprobs or scoring add to other rows."""
+        table = pad_columns(block.error_table(), self.job.sampling)
+        return append_columns(table, score_schema(self.job.scoring))
 
     def _end(self, status: str) -> None:
         out = self.out
@@ -292,5 +304,6 @@ class Job:
             unique_prompt_tokens=plan["unique_prompt_tokens"], prefill_tokens_computed=e.prefill_tokens,
             preemptions=out.preemptions, peak_kv_blocks=out.peak_kv_blocks, kv_blocks=out.kv_blocks,
             **{k: plan[k] for k in GROUP_KEYS}, kv_samples=e.kv_samples[-2000:], workers=out.per_worker,
-            worker_retries=out.worker_retries, **{k: getattr(e, k) for k in GUIDE_KEYS},
+            worker_retries=out.worker_retries, scored_tokens=e.scored_tokens,
+            **{k: getattr(e, k) for k in GUIDE_KEYS},
         )  # fmt: skip

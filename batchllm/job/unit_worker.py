@@ -23,6 +23,8 @@ from batchllm.job.grammars import grammar_cache, is_constrained
 from batchllm.job.live_prefixes import LivePrefixes
 from batchllm.job.results import UnitResults
 from batchllm.job.sample_results import SampleGather, gathering_finisher
+from batchllm.job.scored_rows import ScoredRows
+from batchllm.job.scoring import score_schema
 from batchllm.job.units import WorkUnit, unit_sequences
 from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
 from batchllm.model.loader import load_model
@@ -144,7 +146,7 @@ class UnitWorker:
         results = UnitResults(
             gather.rows if gather else unit.rows, self.run_dir, self.job.checkpoint_rows,
             self.job.checkpoint_seconds, lambda counts: calls.on_commit(counts, engine.stats.prefill_tokens),
-            calls.may_commit, gather.columns if gather else None,
+            calls.may_commit, gather.columns if gather else None, score_schema(self.job.scoring),
         )  # fmt: skip
         if gather is None:
             return results, self._finisher(unit, results, calls)
@@ -155,6 +157,8 @@ class UnitWorker:
         """What happens when a row finishes: its text (and its duplicates') recorded, maybe committed."""
         dups = unit.duplicates()
         stopper = self.host.stopper
+        if unit.continuations is not None:
+            return _scored_finisher(unit, ScoredRows(unit, self.job.scoring), results, calls)
 
         def on_finish(seq: Seq) -> None:
             text, n_out, reason = stopper.text(seq.output_ids, seq.params), seq.num_output, seq.finish_reason
@@ -169,10 +173,27 @@ class UnitWorker:
         return on_finish
 
 
+def _scored_finisher(
+    unit: WorkUnit, scored: ScoredRows, results: UnitResults, calls: UnitCalls
+) -> Callable[[Seq], None]:
+    """``_finisher`` of a scoring unit: a row is recorded once all its SCORE sequences are done."""
+    dups = unit.duplicates()
+
+    def on_finish(seq: Seq) -> None:
+        if not scored.add(seq):
+            return  # the row's other continuations are still running
+        counts = scored.finish(seq.index, results, dups.get(seq.index, ()))
+        results.maybe_commit()
+        calls.on_rows(counts)
+        crash_point("row")
+
+    return on_finish
+
+
 def _prefilled_prefixes(unit: WorkUnit, seqs: list[Seq]) -> tuple[tuple[int, int], ...]:
     """(key, own tokens) of the prefixes ``seqs`` prefilled (the unit's prefixes not found live)."""
     return tuple(
         (unit.node_keys[s.index], s.prompt_len - (s.parent.prompt_len if s.parent is not None else 0))
         for s in seqs
-        if s.kind is SeqKind.PREFIX
+        if s.kind is SeqKind.PREFIX and not s.of_row
     )

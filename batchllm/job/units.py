@@ -24,6 +24,8 @@ import numpy as np
 from batchllm.config import SamplingParams
 from batchllm.job.rows import RowBlock
 from batchllm.job.samples import align_pieces
+from batchllm.job.score_sequences import score_sequences
+from batchllm.job.scoring import Continuations
 from batchllm.prefix_tree.nodes import node_levels, subtree_reduce
 from batchllm.prefix_tree.plan import Plan
 from batchllm.scheduler.block_pool import blocks_for
@@ -48,6 +50,7 @@ class WorkUnit:
     node_keys: tuple[int, ...]  # [nodes] each prefix's content key (see prefix_key), the same on any unit
     work: int  # predicted, see the module docstring
     params: list[SamplingParams | None] | None = None  # [rows] a row's own settings (None: the job's)
+    continuations: list[Continuations] | None = None  # [rows] what each row scores (scoring jobs)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,6 +66,11 @@ class WorkUnit:
     def kv_blocks(self, block_size: int, max_new_tokens: int) -> tuple[int, int]:
         """(blocks to hold all the unit at once, blocks the longest row needs beside its prefixes)."""
         rows = [blocks_for(len(p) + max_new_tokens, block_size) for p in self.token_ids]
+        if self.continuations is not None:  # a row prefix, and per continuation a copied block and its own
+            rows = [
+                blocks_for(len(p), block_size) + sum(blocks_for(len(c), block_size) + 1 for c in cont.ids)
+                for p, cont in zip(self.token_ids, self.continuations)
+            ]
         needed = sum(rows) + 2 * self.num_groups + 1
         least = max(rows, default=0) + self.depth + 1
         return needed, least
@@ -111,6 +119,9 @@ class WorkUnit:
             rep=rep,
             order=np.asarray(order, dtype=np.int64),
             row_node=self.row_node[kept],
+            continuations=None
+            if self.continuations is None
+            else [self.continuations[i] for i in kept.tolist()],
             work=max(1, self.work * len(order) // max(1, len(self.order))),
         )
 
@@ -133,7 +144,10 @@ def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Ite
     A row's ``index`` is its unit-local row, a prefix's its unit node id. A prefix found in ``live``
     (by key: prefilled by an earlier unit and kept, under the same parent) is not yielded again: the
     unit's rows beneath it are added to its pending rows and borrow its KV."""
-    direct = np.bincount(unit.row_node[unit.order], minlength=len(unit.node_parent))
+    weights = None  # a scoring row is one sequence per continuation, each holding its prefixes
+    if unit.continuations is not None:
+        weights = np.asarray([len(unit.continuations[r]) for r in unit.order.tolist()], dtype=np.int64)
+    direct = np.bincount(unit.row_node[unit.order], weights, len(unit.node_parent)).astype(np.int64)
     pending = subtree_reduce(unit.node_parent, direct)
     nodes: dict[int, Seq] = {}
 
@@ -152,6 +166,9 @@ def unit_sequences(unit: WorkUnit, live: Mapping[int, Seq] | None = None) -> Ite
         nodes[node_id] = seq
         yield seq
 
+    if unit.continuations is not None:
+        yield from score_sequences(unit, node_seq, nodes)
+        return
     for row in unit.order.tolist():
         node_id = int(unit.row_node[row])
         yield from node_seq(node_id)
@@ -168,6 +185,7 @@ class PlannedRows:
     keys: list[int]
     max_new_tokens: int
     params: list[SamplingParams | None] | None = None
+    continuations: list[Continuations] | None = None  # scoring jobs: what each row scores
 
 
 def split_plan(plan: Plan, planned: PlannedRows, workers: int, prefix: str = "u") -> list[WorkUnit]:
@@ -264,6 +282,9 @@ def _unit(plan: Plan, planned: PlannedRows, unit_id: str, start: int, end: int) 
         node_keys=tuple(prefix_key(t) for t in node_tokens),
         work=work + reps.size * planned.max_new_tokens,
         params=None if planned.params is None else [planned.params[i] for i in members.tolist()],
+        continuations=None
+        if planned.continuations is None
+        else [planned.continuations[i] for i in members.tolist()],
     )
 
 

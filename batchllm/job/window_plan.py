@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from batchllm.config import JobSpec
 from batchllm.job.samples import expand_samples
+from batchllm.job.scoring import Continuations
 from batchllm.job.units import PlannedRows
 from batchllm.job.windows import Window, row_keys
 from batchllm.prefix_tree.plan import Plan, make_plan
@@ -19,7 +20,8 @@ class WindowPlan:
     planned: PlannedRows  # the plan's rows (samples expanded), what the unit cut needs besides the plan
 
 
-def plan_window(job: JobSpec, window: Window) -> WindowPlan:
+def plan_window(job: JobSpec, window: Window, continuations: list[Continuations] | None = None) -> WindowPlan:
+    """``continuations``: what each of the window's rows scores, in a scoring job."""
     runnable = window.runnable()
     prompts = [window.token_ids[i] for i in runnable]
     keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
@@ -30,6 +32,10 @@ def plan_window(job: JobSpec, window: Window) -> WindowPlan:
         params = [p for p in params for _ in range(n)]
     share = job.engine.prefix_sharing
     # Duplicates are merged only when nothing but the prompt decides a row's output.
-    dedup = share and job.sampling.greedy and window.params is None and job.schema_column is None
-    plan = make_plan(TokenSeqs.from_lists(prompts), sharing=share, dedup=dedup)
-    return WindowPlan(plan, PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params))
+    own = window.params is not None or job.schema_column is not None or job.scoring.column is not None
+    plan = make_plan(
+        TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy and not own
+    )
+    conts = None if continuations is None else [continuations[i] for i in runnable.tolist()]
+    planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params, conts)
+    return WindowPlan(plan, planned)

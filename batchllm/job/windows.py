@@ -60,11 +60,21 @@ class Window:
 
 
 def open_job_input(job: JobSpec) -> InputSource:
-    """The job's input: its text column, or its messages column; its params column."""
+    """The job's input: its text column, or its messages column; its params column; the scoring column
+    (read as a keep column, taken out again per window)."""
     column, messages = job.messages_column or job.column, job.messages_column is not None
     return open_input(
-        job.input, job.format, column, job.id_column, job.keep_columns, messages, job.params_column, job.model
-    )
+        job.input, job.format, column, job.id_column, input_keep_columns(job), messages, job.params_column,
+        job.model,
+    )  # fmt: skip
+
+
+def input_keep_columns(job: JobSpec) -> tuple[str, ...]:
+    """The keep columns to read: the job's, and the scoring column (taken out again per window)."""
+    column = job.scoring.column
+    if column is None or column in job.keep_columns:
+        return job.keep_columns
+    return (*job.keep_columns, column)
 
 
 def read_windows(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchllm.scheduler.seq import Seq
+from batchllm.scheduler.seq import Seq, SeqKind
 
 _COLUMNS = {  # per-slot arrays: name -> dtype
     "num_blocks": np.int32,  # entries of the slot's block-table row in use
@@ -26,6 +26,7 @@ _COLUMNS = {  # per-slot arrays: name -> dtype
     "last_token": np.int64,  # token_ids[num_tokens - 1] once the host knows it
     "parent_key": np.int64,  # rows of one parent share it; 0: no parent
     "is_row": np.bool_,
+    "scores": np.bool_,  # a SCORE sequence: its tail is computed for log-probs, never sampled
     "alive": np.bool_,
     "from_prev": np.bool_,  # its next input is a token the previous step sampled (maybe still on device)
     "prev_index": np.int64,  # that token's index among the previous step's sampled tokens
@@ -62,6 +63,7 @@ class BatchState:
         self.last_token[slot] = seq.token_ids[-1]
         self.parent_key[slot] = self._parent_key(seq.parent)
         self.is_row[slot] = seq.is_row
+        self.scores[slot] = seq.kind is SeqKind.SCORE
         self.alive[slot] = True
         self.from_prev[slot] = False
         return slot

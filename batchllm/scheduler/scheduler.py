@@ -99,7 +99,8 @@ class Scheduler:
         batch.from_prev[: len(batch)] = False
         batch.from_prev[slots] = step.sample
         batch.prev_index[slots[step.sample]] = np.arange(int(step.sample.sum()))
-        done = ~batch.is_row[slots] & (batch.num_computed[slots] == batch.num_tokens[slots])
+        done = ~(batch.is_row[slots] | batch.scores[slots])
+        done &= batch.num_computed[slots] == batch.num_tokens[slots]
         for slot in slots[done]:
             seq = batch.seqs[slot]
             batch.remove(seq)
@@ -175,7 +176,7 @@ class Scheduler:
             tuple(b.seqs[i] for i in slots) if not whole else tuple(b.seqs[:n]), slots, starts,
             query_lens, tail, sample, b.block_tables[take], b.last_token[take].copy(),
             (ends - b.prompt_len[take])[sample], np.flatnonzero(from_prev), b.prev_index[take][from_prev],
-            groups, shared, copies, prefill,
+            groups, shared, copies, prefill, b.scores[take].copy() if b.scores[take].any() else None,
         )  # fmt: skip
 
     def _preempt(self, seq: Seq) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 class SeqKind(enum.Enum):
     ROW = "row"  # a prompt that is prefilled, then decoded until it stops
     PREFIX = "prefix"  # a shared prefix: prefilled once, its KV then lent to every sequence beneath it
+    SCORE = "score"  # a prompt + given continuation: prefilled, the continuation's log-probs read, no decode
 
 
 @dataclass(eq=False)
@@ -47,6 +49,11 @@ class Seq:
     logprobs: Any = None  # ROW under --logprobs: its generated tokens' logprobs (engine.sampled.LogprobLog)
     constraint: Any = None  # ROW: its structured-output matcher (engine.constraints.RowConstraint)
     error: str | None = None  # ROW: what is wrong with its output (structured output), if anything
+    score_start: int = 0  # SCORE: len(prompt); position p's logits score continuation token p + 1
+    score_last: int = 0  # SCORE: the continuation's last token, scored at the last position, never fed
+    scored: list[float] = field(default_factory=list)  # SCORE: log-prob of each continuation token
+    choice: int = 0  # SCORE: which of its row's continuations this is
+    of_row: bool = False  # PREFIX: one row's prompt less its last token, shared by its SCORE sequences
 
     # While a sequence runs, the BatchState holds its live block table and num_computed; they are
     # written back here when it leaves (finished, preempted, or a prefix prefilled).
@@ -67,6 +74,16 @@ class Seq:
     @classmethod
     def prefix(cls, node: int, tokens: list[int], parent: Seq | None = None, pending_rows: int = 0) -> Seq:
         return cls(SeqKind.PREFIX, node, list(tokens), len(tokens), parent, pending_rows=pending_rows)
+
+    @classmethod
+    def score(cls, index: int, prompt: list[int], continuation: list[int], parent: Seq | None = None) -> Seq:
+        """Prefill ``prompt + continuation[:-1]`` (its last token's KV is never needed) and read the
+        log-prob of each continuation token (``continuation`` must not be empty)."""
+        tokens = list(prompt) + list(continuation[:-1])
+        seq = cls(SeqKind.SCORE, index, tokens, len(tokens), parent, score_start=len(prompt))
+        seq.score_last = int(continuation[-1])
+        seq.scored = [math.nan] * len(continuation)
+        return seq
 
     @property
     def num_tokens(self) -> int:

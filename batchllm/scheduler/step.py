@@ -51,6 +51,7 @@ class Step:
     shared_blocks: np.ndarray  # int32, borrowed blocks of each such run
     block_copies: tuple[tuple[int, int], ...]  # (src, dst): partial prefix blocks copied before the step
     prefill_tokens: int  # tokens computed for prompts (or recomputed after preemption), not decode
+    scoring: np.ndarray | None = None  # bool [n]: SCORE sequences (see engine.score_positions); None: none
 
     @property
     def num_seqs(self) -> int:
