@@ -245,3 +245,13 @@ def test_packed_readback_and_growing_log():
     assert log.size == 37 and log.ids[:37].tolist() == list(range(37))
     np.testing.assert_array_equal(log.top_ids[:37], step.top_ids[np.arange(37) % 3])
     assert log.total() == pytest.approx(float(step.chosen[np.arange(37) % 3].astype(np.float64).sum()))
+
+
+def test_explode_with_one_sample_adds_the_index():
+    from batchllm.io.sample_columns import explode_samples
+
+    table = pa.table({"id": [0, 1], "output": ["a", None], "finish_reason": ["stop", "error"]})
+    assert explode_samples(table).to_pylist() == [
+        {"id": 0, "sample_index": 0, "output": "a", "finish_reason": "stop"},
+        {"id": 1, "sample_index": None, "output": None, "finish_reason": "error"},
+    ]
