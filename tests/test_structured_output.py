@@ -220,3 +220,8 @@ def test_stop_strings_still_end_constrained_rows(tmp_path, tiny_models):
     for row in rows:
         assert row["finish_reason"] == "stop" and row["output"].startswith('{"name":"'), row
         assert '"active":' in row["output"] and "tier" not in row["output"], row
+
+
+def test_a_missing_schema_column_is_a_job_error(tmp_path, tiny_models):
+    code, text, _, _ = constrained(tmp_path, tiny_models["llama"], "--schema-column", "nope")
+    assert code == 2 and "schema column 'nope' not found" in text, text

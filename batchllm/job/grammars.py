@@ -61,7 +61,10 @@ class JobGrammars:
                 raise JobError(f"--{job.grammar.flag}: {e}") from None
         self.column: InputSource | None = None
         if job.schema_column is not None:
-            self.column = open_input(job.input, job.format, job.schema_column, None, ())
+            try:
+                self.column = open_input(job.input, job.format, job.schema_column, None, ())
+            except JobError as e:  # it names the column by its role in open_input: the text column
+                raise JobError(str(e).replace("text column", "schema column", 1)) from None
 
     def fingerprint(self) -> dict:
         """What the manifest records: the job grammar's hash, or the schema column's content hash."""
