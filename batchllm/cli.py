@@ -174,20 +174,23 @@ def plan(
     if json_out:
         typer.echo(json.dumps(figures))
         return
-    table = Table(title=f"batchllm plan: {input}", show_header=False)
+    _print_plan(figures, title=f"batchllm plan: {input}")
+
+
+def _figure(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _print_plan(figures: dict, title: str) -> None:
+    table = Table(title=title, show_header=False)
     for name, w in figures.pop("per_worker", {}).items():
         figures[f"worker {name}"] = (
             f"{w['units']} units  {w['prefill_tokens']:,} prefill ({w['prefix_copy_tokens']:,} prefix copies)"
         )
     for key, value in figures.items():
-        table.add_row(
-            key,
-            f"{value:,.3g}"
-            if isinstance(value, float)
-            else f"{value:,}"
-            if isinstance(value, int)
-            else str(value),
-        )
+        table.add_row(key, _figure(value))
     Console().print(table)
 
 

@@ -6,26 +6,22 @@ With ``workers > 1`` it also cuts each window into work units and runs the Ray d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
 from batchllm.config import JobSpec
-from batchllm.io.prompts import Prompter
 from batchllm.job.assignment import simulate
-from batchllm.job.grammars import system_prefix
-from batchllm.job.scoring import Continuations, score_inputs, scoring_figures
+from batchllm.job.inputs import JobInputs
+from batchllm.job.scoring import scoring_figures
 from batchllm.job.units import split_plan
 from batchllm.job.window_plan import plan_window
-from batchllm.job.windows import Window, open_job_input, read_windows
-from batchllm.model.config import ModelConfig, load_model_config, resolve_model_path
-from batchllm.model.tokenizer import load_tokenizer
+from batchllm.model.config import ModelConfig
 from batchllm.prefix_tree.plan import Plan, PlanStats
 
 
 def plan_job(job: JobSpec) -> dict:
     """The plan figures of the whole job (its windows combined), as ``batchllm run`` would plan it."""
-    mcfg, windows = _windows(job)
+    inputs = JobInputs.open(job)
+    mcfg, windows = inputs.mcfg, inputs.windows(job, np.zeros(inputs.source.num_rows, dtype=bool))
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     per_worker: dict[str, dict[str, int]] = {}
     scoring: dict[str, int] = {}
@@ -54,30 +50,6 @@ def plan_job(job: JobSpec) -> dict:
         **scoring,
         **_workers_figures(per_worker),
     }
-
-
-def _windows(job: JobSpec) -> tuple[ModelConfig, Iterator[tuple[Window, list[Continuations] | None]]]:
-    """The model's config, and the job's windows as ``batchllm run`` reads them, each with its rows'
-    continuations in a scoring job."""
-    source = open_job_input(job)
-    model_path = resolve_model_path(job.model)
-    mcfg = load_model_config(model_path)
-    tokenizer = load_tokenizer(model_path)
-    prompter = Prompter(tokenizer, system_prefix(job), job.chat, source.messages)
-    scorer = score_inputs(job, tokenizer, mcfg.max_position_embeddings)
-    skip = np.zeros(source.num_rows, dtype=bool)
-    max_new = job.sampling.max_new_tokens if scorer is None else 0
-    max_pos = mcfg.max_position_embeddings
-    windows = read_windows(source, prompter, job.window_rows, max_new, max_pos, skip, job.sampling)
-
-    def prepared() -> Iterator[tuple[Window, list[Continuations] | None]]:
-        for window in windows:
-            if scorer is None:
-                yield window, None
-                continue
-            yield scorer.prepare(window)
-
-    return mcfg, prepared()
 
 
 def _add_workers(total: dict[str, dict[str, int]], window: dict[str, dict[str, int]]) -> None:

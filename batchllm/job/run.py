@@ -25,7 +25,6 @@ from batchllm.io.dataset import output_parts
 from batchllm.io.faults import crash_point
 from batchllm.io.manifest import check_or_write, input_fingerprint, output_settings
 from batchllm.io.metrics import MetricsLog
-from batchllm.io.prompts import Prompter
 from batchllm.io.run_lock import RunLock
 from batchllm.io.run_marker import check_paths, check_recognised, clear, mark
 from batchllm.io.sample_columns import explode_samples, pad_columns
@@ -33,20 +32,18 @@ from batchllm.io.writer import RunDir, check_output
 from batchllm.job.counters import RowCounts
 from batchllm.job.executor import Executor, LocalExecutor
 from batchllm.job.fence import claim
-from batchllm.job.grammars import JobGrammars, is_constrained, system_prefix
+from batchllm.job.inputs import JobInputs
 from batchllm.job.interrupt import StopRequest
 from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
 from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
-from batchllm.job.scoring import append_columns, score_inputs, score_schema
+from batchllm.job.scoring import append_columns, score_schema
 from batchllm.job.unit_worker import UnitCalls, UnitStats, UnitWorker
 from batchllm.job.units import split_plan
 from batchllm.job.window_plan import plan_window
-from batchllm.job.windows import Window, open_job_input, read_windows
-from batchllm.model.config import load_model_config, resolve_model_path
+from batchllm.job.windows import Window
 from batchllm.model.loader import load_model
-from batchllm.model.tokenizer import load_tokenizer
 from batchllm.prefix_tree.plan import PlanStats
 
 # Per worker: prefix copies are prefill of a prefix that another unit of the window prefilled already.
@@ -96,17 +93,12 @@ class Job:
             from batchllm.distributed.ray_executor import import_ray
 
             import_ray()
-        self.source = open_job_input(job)
+        self.inputs = JobInputs.open(job)
+        self.source, self.mcfg, self.grammars = self.inputs.source, self.inputs.mcfg, self.inputs.grammars
         self.parts = output_parts(self.source, job.output, job.output_dir)
-        model_path = resolve_model_path(job.model)
-        self.mcfg = load_model_config(model_path)
-        tokenizer = load_tokenizer(model_path)
-        self.prompter = Prompter(tokenizer, system_prefix(job), job.chat, self.source.messages)
-        self.grammars = JobGrammars(job, tokenizer, self.mcfg) if is_constrained(job) else None
-        self.scorer = score_inputs(job, tokenizer, self.mcfg.max_position_embeddings)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine
         try:
-            self._open(model_path, tokenizer)
+            self._open(self.inputs.model_path, self.inputs.tokenizer)
         except BaseException:
             self.lock.release()
             raise
@@ -195,20 +187,15 @@ class Job:
             workers=out.workers,
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
-        max_new, max_pos = job.sampling.max_new_tokens, self.mcfg.max_position_embeddings
-        max_new = 0 if self.scorer is not None else max_new  # scoring checks each row's own length
-        source, prompter, rows = self.source, self.prompter, job.window_rows
-        systems = self.grammars.row_systems() if self.grammars else None
-        windows = read_windows(source, prompter, rows, max_new, max_pos, self.done, job.sampling, systems)
+        windows = self.inputs.windows(job, self.done)
         try:
             for number in itertools.count():
                 started = time.perf_counter()
-                window = next(windows, None)
+                item = next(windows, None)
                 out.phase("read", time.perf_counter() - started)
-                if window is None:
+                if item is None:
                     break
-                window = self.grammars.with_schemas(window) if self.grammars else window
-                self._run_window(window, number)
+                self._run_window(*item, number)
         except (Interrupted, KeyboardInterrupt):
             self._end("interrupted")
             raise Interrupted from None
@@ -219,11 +206,9 @@ class Job:
         self._end("done")
         return out
 
-    def _run_window(self, window: Window, number: int) -> None:
+    def _run_window(self, window: Window, continuations: list | None, number: int) -> None:
+        """``continuations``: what each row scores, in a scoring job."""
         job, out = self.job, self.out
-        continuations = None
-        if self.scorer is not None:
-            window, continuations = self.scorer.prepare(window)
         failed = window.failed()
         if failed.size:
             table = self._failed_table(window.block(failed))
