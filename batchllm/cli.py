@@ -178,9 +178,8 @@ def plan(
 
 
 def _figure(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:,.3g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+    number = f"{value:,.3g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else None
+    return number or str(value)
 
 
 def _print_plan(figures: dict, title: str) -> None:
