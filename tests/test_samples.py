@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -255,3 +256,17 @@ def test_explode_with_one_sample_adds_the_index():
         {"id": 0, "sample_index": 0, "output": "a", "finish_reason": "stop"},
         {"id": 1, "sample_index": None, "output": None, "finish_reason": "error"},
     ]
+
+
+def test_manifest_names_n_and_logprobs_only_when_set(tmp_path):
+    """A run directory written before --n and --logprobs existed (no such keys) still resumes a job
+    that uses neither; a job that sets them records them."""
+    from batchllm.config import JobSpec, SamplingParams
+    from batchllm.io.manifest import output_settings
+
+    job = JobSpec(input=tmp_path / "in.parquet", model="m", output=tmp_path / "out.parquet")
+    plain = output_settings(job, tmp_path, None, {})["sampling"]
+    assert "n" not in plain and "logprobs" not in plain
+    sampled = dataclasses.replace(job, sampling=SamplingParams(temperature=1.0, n=2, logprobs=3))
+    recorded = output_settings(sampled, tmp_path, None, {})["sampling"]
+    assert (recorded["n"], recorded["logprobs"]) == (2, 3)

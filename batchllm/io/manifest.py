@@ -69,10 +69,20 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
         "chat_template_hash": _text_hash(chat_template) if job.chat or job.messages_column else None,
         "messages_column": job.messages_column,
         "params_column": job.params_column,
-        "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()},
+        "sampling": _sampling(job),
         **({"explode_samples": True} if job.explode_samples else {}),  # absent: manifests before the flag
         "scoring": _scoring(job),
     }
+
+
+def _sampling(job: JobSpec) -> dict:
+    """The sampling settings; ``n`` and ``logprobs`` only when set, as a manifest written before they
+    existed has neither (so such a run still resumes)."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()}
+    for key, default in (("n", 1), ("logprobs", 0)):
+        if settings.get(key) == default:
+            del settings[key]
+    return settings
 
 
 def _scoring(job: JobSpec) -> dict | None:
