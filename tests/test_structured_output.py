@@ -142,6 +142,19 @@ def test_a_budget_too_small_ends_with_length_and_an_error(tmp_path, tiny_models)
         assert "output incomplete" in row["error"], row
 
 
+@pytest.mark.parametrize("extra", [("--logprobs", "1"), ("--n", "2", "--temperature", "0.8")])
+def test_an_incomplete_output_is_an_error_with_logprobs_and_samples(tmp_path, tiny_models, extra):
+    """Rows gathered per sample (--logprobs, --n) keep the error of a sample cut by the budget."""
+    schema = str(schema_file(tmp_path))
+    code, text, rows, _ = constrained(
+        tmp_path, tiny_models["qwen3"], "--json-schema", schema, "--max-new-tokens", "6", *extra
+    )
+    assert code == 0, text
+    for row in rows:
+        assert row["finish_reason"] == "length", row
+        assert "output incomplete" in row["error"], row
+
+
 def test_jump_forward_takes_fewer_steps_for_the_same_output(tmp_path, tiny_models, monkeypatch):
     flags = ("--json-schema", str(schema_file(tmp_path)), "--fresh")
     _, _, fast_rows, fast = constrained(tmp_path, tiny_models["llama"], *flags)

@@ -36,21 +36,25 @@ class SampleGather:
         self.reason: list[str] = ["error"] * size
         self.tokens = np.zeros(size, dtype=np.int32)
         self.logs: list[LogprobLog | None] = [None] * size
+        self.errors: list[str | None] = [None] * size  # what is wrong with a sample's output (grammar)
         self.done = np.zeros(len(self.rows), dtype=np.int32)
         self._sample = unit_rows.sample  # each unit row's sample index (None: one sample per row)
         self._tokenizer, self._texts = tokenizer, {}
 
-    def finish(self, unit_row: int, text: str, n_out: int, reason: str, log) -> int | None:
+    def finish(
+        self, unit_row: int, text: str, n_out: int, reason: str, log, error: str | None = None
+    ) -> int | None:
         """Record one sample; returns its output row once all its samples are in, else None."""
         row = int(self.row_of[unit_row])
         slot = row * self.n + (0 if self._sample is None else int(self._sample[unit_row]))
         self.text[slot], self.reason[slot], self.tokens[slot], self.logs[slot] = text, reason, n_out, log
+        self.errors[slot] = error
         self.done[row] += 1
         return row if self.done[row] == self.n else None
 
     def copy(self, dup: int, rep: int) -> None:
         """A duplicate row (greedy, one sample) gets its representative's outputs."""
-        for name in ("text", "reason", "logs"):
+        for name in ("text", "reason", "logs", "errors"):
             getattr(self, name)[dup] = getattr(self, name)[rep]
         self.tokens[dup] = self.tokens[rep]
 
@@ -77,6 +81,14 @@ class SampleGather:
         first = row * self.n
         return self.text[first], int(self.tokens[first : first + self.n].sum()), self.reason[first]
 
+    def error(self, row: int) -> str | None:
+        """The row's error: its first sample's that has one (named by its index when N > 1)."""
+        for s in range(self.n):
+            error = self.errors[row * self.n + s]
+            if error is not None:
+                return error if self.n == 1 else f"sample {s}: {error}"
+        return None
+
     def _nest(self, values: pa.Array) -> pa.Array:
         return nested(values, self.n, pa.list_(values.type))
 
@@ -100,14 +112,16 @@ def gathering_finisher(
 
     def on_finish(seq: Seq) -> None:
         text, reason = stopper.text(seq.output_ids, seq.params), seq.finish_reason
-        row = gather.finish(seq.index, text, seq.num_output, reason, seq.logprobs)
+        row = gather.finish(seq.index, text, seq.num_output, reason, seq.logprobs, seq.error)
         if row is None:
             return
         text, n_out, reason = gather.summary(row)
-        counts = results.finish(row, text, n_out, seq.cached_tokens, reason)
+        error = gather.error(row)
+        counts = results.finish(row, text, n_out, seq.cached_tokens, reason, error)
         for dup in dups.get(row, ()):
             gather.copy(dup, row)
-            counts.add(results.finish(dup, text, n_out, int(gather.rows.prompt_tokens[dup]), reason))
+            cached = int(gather.rows.prompt_tokens[dup])
+            counts.add(results.finish(dup, text, n_out, cached, reason, error))
         results.maybe_commit()
         on_rows(counts)
         crash_point("row")
