@@ -4,15 +4,12 @@ order, with Hive partition values as string columns; ids unique across files; --
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from crash_runs import run_killed
 from typer.testing import CliRunner
 
 from batchllm.cli import app
@@ -107,10 +104,7 @@ def test_the_dataset_gives_the_single_file_output_and_output_dir_splits_it(data,
 def test_a_killed_dataset_run_resumes_to_the_same_files(data, tiny_models):
     root, model = data["root"], tiny_models["llama"]
     args = [root / "reviews", "--model", model, "--output-dir", root / "killed", "--checkpoint-rows", "2"]
-    cmd = [sys.executable, "-m", "batchllm", "run", *map(str, args), "--max-new-tokens", MAX_NEW, "--quiet"]
-    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:3", "PYTHONPATH": os.getcwd()}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_killed("run", *args, "--max-new-tokens", MAX_NEW, "--quiet", crash_at="commit:3")
     code, out = cli(*args)
     assert code == 0, out
     code, out = cli(root / "reviews", "--model", model, "--output-dir", root / "straight")

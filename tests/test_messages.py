@@ -4,15 +4,12 @@ turns share KV; bad conversations are row errors; job files and resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from crash_runs import kill_then_resume_job
 from hf_reference import hf_greedy
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -128,12 +125,7 @@ def test_a_job_file_and_a_killed_run_give_the_same_output(job):
                 'messages-column = "messages"', 'prefix = "system.txt"', f"max-new-tokens = {MAX_NEW}",
                 "checkpoint-rows = 2"]  # fmt: skip
     (root / "job.toml").write_text("\n".join(settings) + "\n")
-    cmd = [sys.executable, "-m", "batchllm", "run", "--job", str(root / "job.toml"), "--quiet"]
-    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:2", "PYTHONPATH": os.getcwd()}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    result = CliRunner().invoke(app, ["run", "--job", str(root / "job.toml"), "--quiet"])
-    assert result.exit_code == 0, result.output
+    kill_then_resume_job(root / "job.toml")
     assert pq.read_table(root / "job.parquet").column("output").to_pylist() == job["expected"]
 
 

@@ -4,13 +4,10 @@ documented output shape; bad requests go to the errors file; job errors; job fil
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from crash_runs import kill_then_resume_job
 from hf_reference import hf_greedy
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -141,12 +138,7 @@ def test_a_job_file_run_killed_and_resumed_writes_the_same_lines(models):
                 'output = "many.out.jsonl"', f"max-new-tokens = {MAX_NEW}",
                 "checkpoint-rows = 2"]  # fmt: skip
     (root / "job.toml").write_text("\n".join(settings) + "\n")
-    cmd = [sys.executable, "-m", "batchllm", "run", "--job", str(root / "job.toml"), "--quiet"]
-    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:2", "PYTHONPATH": os.getcwd()}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    result = CliRunner().invoke(app, ["run", "--job", str(root / "job.toml"), "--quiet"])
-    assert result.exit_code == 0, result.output
+    kill_then_resume_job(root / "job.toml")
     code, text = cli(root / "many.jsonl", "--model", models["gpt"], "--output", root / "straight.jsonl")
     assert code == 0, text
 

@@ -4,15 +4,12 @@ report are unchanged (the run directory's shards stay Parquet)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from crash_runs import run_killed
 from typer.testing import CliRunner
 
 from batchllm.cli import app
@@ -76,10 +73,7 @@ def test_ndjson_name_and_job_file_give_lines_too(job):
 
 
 def test_sigkill_then_resume_writes_the_same_lines(job):
-    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:2", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "batchllm", *args(job, "killed.jsonl")]
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_killed(*args(job, "killed.jsonl"))
     assert not (job["root"] / "killed.jsonl").exists()
     code, out = cli(job, "killed.jsonl")
     assert code == 1, out

@@ -4,16 +4,13 @@ steps as the other rows; the vectorised sampler against the per-job one; bad val
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from crash_runs import kill_then_resume_job
 from typer.testing import CliRunner
 
 from batchllm.cli import app
@@ -136,12 +133,7 @@ def test_a_job_file_run_killed_and_resumed_gives_the_same_output(job):
     settings = ['input = "in.parquet"', f'model = "{job["model"]}"', 'output = "job.parquet"',
                 'params-column = "params"', "max-new-tokens = 8", "checkpoint-rows = 2"]  # fmt: skip
     (root / "job.toml").write_text("\n".join(settings) + "\n")
-    cmd = [sys.executable, "-m", "batchllm", "run", "--job", str(root / "job.toml"), "--quiet"]
-    env = {**os.environ, "BATCHLLM_CRASH_AT": "commit:2", "PYTHONPATH": os.getcwd()}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    result = CliRunner().invoke(app, ["run", "--job", str(root / "job.toml"), "--quiet"])
-    assert result.exit_code == 0, result.output
+    kill_then_resume_job(root / "job.toml")
     got = pq.read_table(root / "job.parquet").to_pylist()
     assert [r["output"] for r in got] == [r["output"] for r in expected]
     changed = root / "changed.parquet"

@@ -78,7 +78,7 @@ def output_settings(job: JobSpec, model_path: Path, chat_template: str | None, r
 def _sampling(job: JobSpec) -> dict:
     """The sampling settings; ``n`` and ``logprobs`` only when set, as a manifest written before they
     existed has neither (so such a run still resumes)."""
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.sampling).items()}
+    settings = _plain(job.sampling)
     for key, default in (("n", 1), ("logprobs", 0)):
         if settings.get(key) == default:
             del settings[key]
@@ -89,7 +89,12 @@ def _scoring(job: JobSpec) -> dict | None:
     """The scoring settings (None for a generating job, like a manifest written before scoring)."""
     if not job.scoring.enabled:
         return None
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.scoring).items()}
+    return _plain(job.scoring)
+
+
+def _plain(settings: object) -> dict:
+    """A frozen settings dataclass as JSON-ready values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
 def check_or_write(run_dir: Path, fingerprint: dict, settings: dict, has_results: bool = False) -> bool:
