@@ -15,7 +15,7 @@ from batchllm.engine.model_host import ModelHost
 from batchllm.engine.step_inputs import step_inputs
 from batchllm.model.config import load_model_config
 from batchllm.model.tokenizer import load_tokenizer
-from batchllm.scheduler.batch_state import BatchState
+from batchllm.scheduler.batch_state import DEFER_TOKENS, BatchState
 from batchllm.scheduler.block_pool import BlockPool
 from batchllm.scheduler.scheduler import Scheduler
 from batchllm.scheduler.seq import Seq
@@ -61,6 +61,35 @@ def test_batch_state_keeps_order_through_removals():
     assert batch.seqs == kept and [s.slot for s in kept] == [0, 1, 2, 3]
     assert [batch.block_table(s.slot) for s in kept] == [s.block_table for s in kept]
     assert batch.last_token[:4].tolist() == [s.token_ids[-1] for s in kept]
+
+
+def test_deferred_tokens_join_their_rows_in_order():
+    """Sampled tokens held in the batch state reach each row's token list in order: when enough have
+    gathered (DEFER_TOKENS), when a row leaves, and across a compaction that moves rows' slots."""
+    batch = BatchState(capacity=2, width=1)
+    seqs = [Seq.row(i, [100 + i]) for i in range(4)]
+    for seq in seqs:
+        seq.block_table = [seq.index]
+        batch.add(seq)
+    want = {seq.index: list(seq.token_ids) for seq in seqs}
+    for step in range(2 * DEFER_TOKENS + 5):
+        if step == 10:
+            batch.remove(seqs[1])  # leaves mid-way: its 10 held tokens are written back
+            batch.compact()
+        live = [seq for seq in seqs if seq.slot is not None]
+        slots = np.array([seq.slot for seq in live])
+        tokens = np.array([1000 * seq.index + step for seq in live])
+        batch.defer_tokens(slots, tokens)
+        for seq, token in zip(live, tokens.tolist()):
+            want[seq.index].append(token)
+        batch.check_invariants()
+    assert seqs[1].token_ids == want[1]
+    for seq in seqs[2:]:
+        batch.remove(seq)
+    assert [seq.token_ids for seq in seqs[2:]] == [want[2], want[3]]
+    assert len(seqs[0].token_ids) == 1 + 2 * DEFER_TOKENS  # two flushes so far, 5 tokens still held
+    batch.remove(seqs[0])
+    assert seqs[0].token_ids == want[0]
 
 
 def _reference_inputs(step, block_size: int):

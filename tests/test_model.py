@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from batchllm.errors import JobError
-from batchllm.kernels import torch_backend
+from batchllm.kernels import kv_gather
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_backend import TorchAttention, decode_attention, store_kv, varlen_attention
 from batchllm.model.config import load_model_config, resolve_model_path
@@ -293,6 +293,6 @@ def test_batched_decode_path_equals_general_path(monkeypatch):
     k, v = torch.randn(2, num_seqs, kv_heads, head_dim, generator=gen)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     want = varlen_attention(q, k_cache, v_cache, meta, 0.3)
-    monkeypatch.setattr(torch_backend, "_DECODE_GATHER_ELEMENTS", 3000)  # forces several row chunks
+    monkeypatch.setattr(kv_gather, "GATHER_ELEMENTS", 3000)  # forces several row chunks
     torch.testing.assert_close(decode_attention(q, k_cache, v_cache, meta, 0.3), want)
     assert k_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping].equal(k)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchllm.kernels import kv_gather
 from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import AttentionMetadata, DecodeGroups, build_metadata
 from batchllm.kernels.torch_backend import TorchAttention, decode_attention, varlen_attention
@@ -63,9 +64,13 @@ def test_cascade_decode_equals_plain_decode(kv_heads, heads):
     torch.testing.assert_close(cascade_decode_attention(q, k_cache, v_cache, meta, 0.3), expected)
 
 
-def test_cascade_decode_many_groups_of_mixed_sizes():
+@pytest.mark.parametrize("gather_elements", [None, 100])
+def test_cascade_decode_many_groups_of_mixed_sizes(gather_elements, monkeypatch):
     """Groups of sizes 1..9 and prefixes of 1..4 blocks (several padded buckets), rows outside any
-    group at both ends: still equal to plain decode."""
+    group at both ends: still equal to plain decode. ``gather_elements``: a small gather budget
+    forces the rows and groups to be read a few at a time, through one reused buffer."""
+    if gather_elements is not None:
+        monkeypatch.setattr(kv_gather, "GATHER_ELEMENTS", gather_elements)
     torch.manual_seed(1)
     bs, d, kv_heads, heads = 4, 8, 2, 4
     k_cache, v_cache = torch.randn(400, bs, kv_heads, d), torch.randn(400, bs, kv_heads, d)

@@ -96,6 +96,9 @@ class Engine:
         self.stopper = stopper
         self.guide = guide
         self.overlap = runner.device.type == "cuda" if overlap is None else overlap
+        # Nothing reads a running row's token list (no stop strings or grammars): sampled tokens may
+        # wait in the batch state and join the lists a few dozen at a time (``BatchState.defer_tokens``).
+        self._lists_unread = guide is None and not stopper.params.stop
         self.stats = EngineStats()  # grows during run(), so commits can report live figures
 
     def run(
@@ -160,10 +163,15 @@ class Engine:
         step, sched = launched.step, self.scheduler
         seqs = step.sampled_seqs
         if sched.num_finished == launched.finished and sched.batch.epoch == launched.epoch:
-            for seq, token in zip(seqs, tokens):  # no row left meanwhile: the step's slots still hold
-                seq.token_ids.append(token)
+            # No row left meanwhile: the step's slots still hold.
             tokens_array = np.asarray(tokens, dtype=np.int64)
-            sched.batch.last_token[step.slots[step.sample]] = tokens_array
+            slots = step.slots[step.sample]
+            if self._lists_unread and logprobs is None and not step.own_params:
+                sched.batch.defer_tokens(slots, tokens_array)
+            else:
+                for seq, token in zip(seqs, tokens):
+                    seq.token_ids.append(token)
+            sched.batch.last_token[slots] = tokens_array
             num_output = step.num_output + 1
             live = range(len(seqs))
         else:
@@ -173,7 +181,7 @@ class Engine:
             _record_logprobs(seqs, [tokens[i] for i in live], logprobs, live)
         if self.guide is not None:
             num_output = self.guide.advance(seqs, tokens_array, sched.batch)
-        reasons = self.stopper.check_seqs(tokens_array, num_output, seqs)
+        reasons = self.stopper.check_seqs(tokens_array, num_output, seqs, step.own_params)
         if self.guide is not None:
             self.guide.settle(seqs, reasons)
         for i, reason in reasons.items():
@@ -208,6 +216,8 @@ class Engine:
         """The slow path of ``_retire``: rows finished since the launch (all but ``live``) drop their
         token, and each row's slot is looked up again. Returns the live rows, their tokens and counts."""
         batch = self.scheduler.batch
+        slots = [seqs[i].slot for i in live if seqs[i].slot is not None]
+        batch.flush_tokens(np.asarray(slots, dtype=np.int64))  # a row's held tokens come before this one
         for i in live:
             seq = seqs[i]
             seq.token_ids.append(tokens[i])

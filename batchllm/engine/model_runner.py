@@ -86,20 +86,19 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         k = self.sampling.logprobs
         raw = logits.clone() if k and mask is not None else logits  # logprobs are the model's, unmasked
-        tokens = self._sample(step.sampled_seqs, logits, step.num_output, mask)
+        tokens = self._sample(step, logits, mask)
         sampled = Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
         return StepOutput(sampled, scored, spans)
 
-    def _sample(
-        self, seqs: list, logits: torch.Tensor, num_output, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _sample(self, step: Step, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:
             apply_mask(logits, mask)
-        if any(seq.params is not None for seq in seqs):  # rows with their own settings (--params-column)
+        if step.own_params:  # rows with their own settings (--params-column)
+            seqs = step.sampled_seqs
             rows = [seq.params or self.sampling for seq in seqs]
-            return sample_rows(logits, rows, [seq.sample_key for seq in seqs], num_output)
-        keys = [seq.sample_key for seq in seqs] if not self.sampling.greedy else []
-        return sample(logits, self.sampling, keys, num_output)
+            return sample_rows(logits, rows, [seq.sample_key for seq in seqs], step.num_output)
+        keys = [seq.sample_key for seq in step.sampled_seqs] if not self.sampling.greedy else []
+        return sample(logits, self.sampling, keys, step.num_output)
 
     def _metadata(self, step: Step, inputs, dev: dict[str, torch.Tensor]) -> AttentionMetadata:
         """Everything that depends only on the step, built once for all layers."""

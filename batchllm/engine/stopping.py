@@ -44,10 +44,12 @@ class StopChecker:
         reasons.update((int(i), "length") for i in np.flatnonzero(length))
         return reasons
 
-    def check_seqs(self, tokens: np.ndarray, num_output: np.ndarray, seqs: list[Seq]) -> dict[int, str]:
+    def check_seqs(
+        self, tokens: np.ndarray, num_output: np.ndarray, seqs: list[Seq], own_params: bool = True
+    ) -> dict[int, str]:
         """``check_batch`` for these rows, each with its own max tokens and stop strings where it has
-        them (``Seq.params``)."""
-        if all(seq.params is None for seq in seqs):
+        them (``Seq.params``). ``own_params`` False: the caller knows no row has any."""
+        if not own_params or all(seq.params is None for seq in seqs):
             lists = [seq.token_ids for seq in seqs] if self.params.stop else []
             return self.check_batch(tokens, num_output, lists)
         params = [seq.params or self.params for seq in seqs]

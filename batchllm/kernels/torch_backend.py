@@ -19,12 +19,10 @@ import torch.nn.functional as F
 
 from batchllm.kernels.backend import KVCache
 from batchllm.kernels.decode_part import attend_split
+from batchllm.kernels.kv_gather import KVGather, row_chunks
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_cascade import cascade_decode_attention
 from batchllm.kernels.torch_chunked import chunked_attention
-
-# Elements of K gathered at once in the decode path; bounds its padded copy of the context.
-_DECODE_GATHER_ELEMENTS = 1 << 27
 
 
 class TorchAttention:
@@ -35,6 +33,7 @@ class TorchAttention:
 
     def __init__(self, deterministic: bool = False) -> None:
         self.deterministic = deterministic
+        self.gather = KVGather()  # one reusable copy of the K/V a layer reads, shared by all layers
 
     @property
     def wants_chunk_plan(self) -> bool:
@@ -73,10 +72,10 @@ class TorchAttention:
         groups = meta.decode_groups
         # A window cuts each row's shared prefix at a different place: those rows read it on their own.
         if meta.one_token_each and window is None and groups is not None and any(groups.shared_blocks_cpu):
-            return cascade_decode_attention(q, k_cache, v_cache, meta, scale)
+            return cascade_decode_attention(q, k_cache, v_cache, meta, scale, self.gather)
         if meta.one_token_each:
-            return decode_attention(q, k_cache, v_cache, meta, scale, window)
-        return varlen_attention(q, k_cache, v_cache, meta, scale, window)
+            return decode_attention(q, k_cache, v_cache, meta, scale, window, self.gather)
+        return varlen_attention(q, k_cache, v_cache, meta, scale, window, self.gather)
 
 
 def store_kv(
@@ -98,18 +97,19 @@ def varlen_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    gather: KVGather | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """General path (prefill, chunked prefill, mixed batches). Sequences are bucketed by query length
     (powers of two), so padding stays small when decode rows share a step with long prefill chunks;
     each bucket is one padded, masked SDPA."""
-    out = torch.empty_like(q)
+    out, gather = torch.empty_like(q), gather or KVGather()
     buckets: dict[int, list[int]] = {}
     for i, query_len in enumerate(meta.query_lens_cpu):
         buckets.setdefault(max(query_len - 1, 0).bit_length(), []).append(i)
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
     for seqs in buckets.values():
         tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
-        out[tokens] = _padded_attention(q[tokens], k_cache, v_cache, meta, seqs, scale, window)
+        out[tokens] = _padded_attention(q[tokens], k_cache, v_cache, meta, seqs, scale, window, gather)
     return out
 
 
@@ -121,6 +121,7 @@ def _padded_attention(
     seqs: list[int],
     scale: float,
     window: int | None,
+    gather: KVGather,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -147,15 +148,11 @@ def _padded_attention(
         mask &= key_pos > query_pos[:, :, None] - window
     mask = mask.repeat(1, group, 1)[:, None]  # [n, 1, group * max_q, max_len], rows ordered like qp
     table = meta.block_tables[index, : math.ceil(max_len / block_size)].long()
-    rows = max(1, _DECODE_GATHER_ELEMENTS // (max(max_len, max_q * group) * kv_heads * head_dim))
     outs = []
-    for lo in range(0, n, rows):
-        hi = min(lo + rows, n)
-        keys = k_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [m, kv_heads, L, head_dim]
-        values = v_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        outs.append(
-            F.scaled_dot_product_attention(qp[lo:hi], keys, values, attn_mask=mask[lo:hi], scale=scale)
-        )
+    for rows in row_chunks(n, max(max_len, max_q * group) * kv_heads * head_dim):
+        keys = gather.context("k", k_cache, table[rows])[:, :, :max_len]  # [m, kv_heads, L, head_dim]
+        values = gather.context("v", v_cache, table[rows])[:, :, :max_len]
+        outs.append(F.scaled_dot_product_attention(qp[rows], keys, values, attn_mask=mask[rows], scale=scale))
     out = torch.cat(outs).reshape(n, kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(n, max_q, num_heads, head_dim)[row_of, j_of]
 
@@ -167,9 +164,11 @@ def decode_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    gather: KVGather | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Batched decode: pad every context to max_seq_len, mask by length (and window), one SDPA per
     row chunk."""
+    gather = gather or KVGather()
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = meta.max_seq_len
@@ -180,12 +179,10 @@ def decode_attention(
     mask = key_pos < meta.seq_lens[:, None]  # [num_seqs, max_len]
     if window is not None:
         mask &= key_pos >= meta.seq_lens[:, None] - window
-    rows = max(1, _DECODE_GATHER_ELEMENTS // (max_len * kv_heads * head_dim))
     outs = []
-    for lo in range(0, num_seqs, rows):
-        hi = min(lo + rows, num_seqs)
-        keys = k_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [n, kv_heads, L, head_dim]
-        values = v_cache[table[lo:hi]].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        row_mask = mask[lo:hi, None, None, :]  # [n, 1, 1, max_len]
-        outs.append(F.scaled_dot_product_attention(qg[lo:hi], keys, values, attn_mask=row_mask, scale=scale))
+    for rows in row_chunks(num_seqs, max_len * kv_heads * head_dim):
+        keys = gather.context("k", k_cache, table[rows])[:, :, :max_len]  # [n, kv_heads, L, head_dim]
+        values = gather.context("v", v_cache, table[rows])[:, :, :max_len]
+        row_mask = mask[rows, None, None, :]  # [n, 1, 1, max_len]
+        outs.append(F.scaled_dot_product_attention(qg[rows], keys, values, attn_mask=row_mask, scale=scale))
     return torch.cat(outs).reshape(num_seqs, num_heads, head_dim)

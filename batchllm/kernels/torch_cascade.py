@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batchllm.kernels.kv_gather import KVGather, row_chunks
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_merge import merge_attention_states
 
@@ -44,16 +45,19 @@ def cascade_decode_attention(
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
+    gather: KVGather | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """``gather``: reusable memory for the K/V copied out of the cache (a fresh one when None)."""
+    gather = gather or KVGather()
     groups = meta.decode_groups
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     plan = groups.once(("torch_cascade", block_size), lambda: _plan(meta, block_size))
     qg = q.reshape(num_seqs, kv_heads, num_heads // kv_heads, head_dim).float()
-    out, lse = _suffix_state(qg, k_cache, v_cache, plan, scale)
+    out, lse = _gathered_state(qg, k_cache, v_cache, plan.suffix_tables, plan.suffix_mask, scale, gather)
     out, lse = out.reshape(num_seqs, -1), lse.reshape(num_seqs, -1)  # merged in place below, row by row
     for b in plan.buckets:
-        p_out, p_lse = _prefix_state(qg, k_cache, v_cache, b, scale)
+        p_out, p_lse = _prefix_state(qg, k_cache, v_cache, b, scale, gather)
         p_out = p_out.flatten(0, 1)[b.real_slots]  # [r, kv, group, head_dim]
         p_lse = p_lse.flatten(0, 1)[b.real_slots]
         rows_out = out[b.real_rows].view(p_out.shape)
@@ -117,29 +121,37 @@ def _bucket(meta, starts: np.ndarray, sizes: np.ndarray, shared: np.ndarray, blo
 
 
 def _prefix_state(
-    qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: _Bucket, scale: float
+    qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: _Bucket, scale: float, gather: KVGather
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out [G, m, kv, group, head_dim], lse [G, m, kv, group]
-    keys = k_cache[b.prefix_tables].flatten(1, 2).transpose(1, 2).float()  # [G, kv, L, head_dim]
-    values = v_cache[b.prefix_tables].flatten(1, 2).transpose(1, 2).float()
     q = qg[b.rows]  # [G, m, kv, group, head_dim]
     num_g, m, kv, group, head_dim = q.shape
     q = q.permute(0, 2, 1, 3, 4).reshape(num_g, kv, m * group, head_dim)  # a group's queries share its keys
-    out, lse = attention_state(q, keys, values, b.prefix_mask, scale)
+    out, lse = _gathered_state(q, k_cache, v_cache, b.prefix_tables, b.prefix_mask, scale, gather)
     out = out.view(num_g, kv, m, group, head_dim).permute(0, 2, 1, 3, 4)
     return out, lse.view(num_g, kv, m, group).permute(0, 2, 1, 3)
 
 
-def _suffix_state(
-    qg: torch.Tensor,  # [num_seqs, kv_heads, group, head_dim] float32
+def _gathered_state(
+    q: torch.Tensor,  # [B, kv_heads, Lq, head_dim] float32
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    plan: _CascadePlan,
+    tables: torch.Tensor,  # [B, W] the blocks each batch entry reads
+    mask: torch.Tensor,  # [B, 1, 1, W * block_size]
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, kv_heads, group, head_dim], lse [n, kv_heads, group]
-    """Attention state of each row over its context after the shared blocks (padded, masked)."""
-    keys = k_cache[plan.suffix_tables].flatten(1, 2).transpose(1, 2).float()  # [n, kv_heads, L, head_dim]
-    values = v_cache[plan.suffix_tables].flatten(1, 2).transpose(1, 2).float()
-    return attention_state(qg, keys, values, plan.suffix_mask, scale)
+    gather: KVGather,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [B, kv_heads, Lq, head_dim], lse [B, kv_heads, Lq]
+    """``attention_state`` over each entry's blocks, gathered a bounded number of entries at a time.
+    Used for each row's context after its group's shared blocks (padded, masked) too."""
+    outs, lses = [], []
+    for rows in row_chunks(tables.shape[0], tables.shape[1] * k_cache[0].numel()):
+        keys = gather.context("k", k_cache, tables[rows]).float()  # [b, kv_heads, L, head_dim]
+        values = gather.context("v", v_cache, tables[rows]).float()
+        out, lse = attention_state(q[rows], keys, values, mask[rows], scale)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs), torch.cat(lses)
 
 
 def attention_state(

@@ -9,6 +9,7 @@ proportional to the rows that changed, never a rebuild of every row from Python 
     block_tables:  [own row of block ids, 0-padded to the table width]
     num_tokens:    tokens the row has, counting a sampled token still on its way to the host
     num_computed:  tokens whose KV is in the cache
+    pending:       sampled tokens not yet appended to the row's ``token_ids`` (``defer_tokens``)
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ _COLUMNS = {  # per-slot arrays: name -> dtype
     "parent_key": np.int64,  # rows of one parent share it; 0: no parent
     "is_row": np.bool_,
     "scores": np.bool_,  # a SCORE sequence: its tail is computed for log-probs, never sampled
+    "own_params": np.bool_,  # the row has sampling settings of its own (Seq.params)
     "alive": np.bool_,
     "from_prev": np.bool_,  # its next input is a token the previous step sampled (maybe still on device)
     "prev_index": np.int64,  # that token's index among the previous step's sampled tokens
+    "num_pending": np.int32,  # tokens of the slot waiting in ``pending``
 }
+# Sampled tokens a row holds back before they join its token list: one Python append per row every
+# this many steps instead of every step.
+DEFER_TOKENS = 32
 
 
 class BatchState:
     def __init__(self, capacity: int = 64, width: int = 8) -> None:
         self.seqs: list[Seq] = []
         self.block_tables = np.zeros((capacity, width), dtype=np.int32)
+        self.pending = np.zeros((capacity, DEFER_TOKENS), dtype=np.int64)
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         self._holes = False
@@ -64,8 +71,10 @@ class BatchState:
         self.parent_key[slot] = self._parent_key(seq.parent)
         self.is_row[slot] = seq.is_row
         self.scores[slot] = seq.kind is SeqKind.SCORE
+        self.own_params[slot] = seq.params is not None
         self.alive[slot] = True
         self.from_prev[slot] = False
+        self.num_pending[slot] = 0
         return slot
 
     def append_blocks(self, slot: int, blocks: list[int]) -> None:
@@ -74,9 +83,41 @@ class BatchState:
         self.block_tables[slot, have : have + len(blocks)] = blocks
         self.num_blocks[slot] = have + len(blocks)
 
+    def append_block_runs(self, slots: np.ndarray, counts: np.ndarray, blocks: list[int]) -> None:
+        """``append_blocks`` for many slots at once: slot ``slots[i]`` gets the next ``counts[i]`` of
+        ``blocks``, in order."""
+        have = self.num_blocks[slots].astype(np.int64)
+        self._reserve(len(self.seqs), int((have + counts).max(initial=0)))
+        rows = np.repeat(slots, counts)
+        firsts = np.cumsum(counts) - counts
+        cols = np.repeat(have - firsts, counts) + np.arange(len(rows))
+        self.block_tables[rows, cols] = blocks
+        self.num_blocks[slots] = have + counts
+
+    def defer_tokens(self, slots: np.ndarray, tokens: np.ndarray) -> None:
+        """Each slot's newly sampled token, held in ``pending`` instead of its row's ``token_ids`` until
+        ``DEFER_TOKENS`` have gathered or the row leaves. Only for rows whose token lists nobody reads
+        while they run (no stop strings, grammar or logprobs: the engine decides)."""
+        held = self.num_pending[slots]
+        self.pending[slots, held] = tokens
+        self.num_pending[slots] = held + 1
+        full = slots[held + 1 == DEFER_TOKENS]
+        if len(full):
+            self.flush_tokens(full)
+
+    def flush_tokens(self, slots: np.ndarray) -> None:
+        """The pending tokens of ``slots`` join their rows' token lists."""
+        held = self.num_pending[slots]
+        for slot, count, ids in zip(slots.tolist(), held.tolist(), self.pending[slots].tolist()):
+            if count:
+                self.seqs[slot].token_ids.extend(ids[:count])
+        self.num_pending[slots] = 0
+
     def remove(self, seq: Seq) -> None:
-        """Take ``seq`` out; its slot becomes a hole until ``compact()``. Writes its counts back."""
+        """Take ``seq`` out; its slot becomes a hole until ``compact()``. Writes its counts (and its
+        pending tokens) back."""
         slot = seq.slot
+        self.flush_tokens(np.array([slot]))
         seq.num_computed = int(self.num_computed[slot])
         seq.block_table = self.block_table(slot)
         seq.slot = None
@@ -93,7 +134,7 @@ class BatchState:
         n = len(self.seqs)
         keep = np.flatnonzero(self.alive[:n])
         first = int(np.argmin(self.alive[:n])) if len(keep) < n else n
-        for name in (*_COLUMNS, "block_tables"):
+        for name in (*_COLUMNS, "block_tables", "pending"):
             array = getattr(self, name)
             array[: len(keep)] = array[keep]
         self.alive[len(keep) : n] = False
@@ -124,6 +165,8 @@ class BatchState:
                 raise AssertionError(f"sequence {seq.index} thinks it is in slot {seq.slot}, not {slot}")
             if self.num_computed[slot] > self.num_tokens[slot]:
                 raise AssertionError(f"slot {slot} computed more tokens than it has")
+            if not 0 <= self.num_pending[slot] < DEFER_TOKENS:
+                raise AssertionError(f"slot {slot} holds {self.num_pending[slot]} pending tokens")
         if self.alive[n:].any():
             raise AssertionError("a slot past the running rows is marked alive")
 
@@ -142,6 +185,9 @@ class BatchState:
         tables = np.zeros((capacity, new_width), dtype=np.int32)
         tables[: len(self.block_tables), :have_width] = self.block_tables
         self.block_tables = tables
+        pending = np.zeros((capacity, DEFER_TOKENS), dtype=np.int64)
+        pending[: len(self.pending)] = self.pending
+        self.pending = pending
         for name, dtype in _COLUMNS.items():
             column = np.zeros(capacity, dtype=dtype)
             old = getattr(self, name)

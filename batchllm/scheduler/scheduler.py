@@ -145,8 +145,14 @@ class Scheduler:
         b, bs = self.batch, self.block_size
         n = len(b)
         wanted = -(-(b.num_computed[:n] + query_lens) // bs)
+        short = np.flatnonzero(wanted > b.num_blocks[:n])
+        counts = wanted[short] - b.num_blocks[short]
+        blocks = self.pool.allocate(int(counts.sum()))
+        if blocks is not None:  # the usual case: one allocation for every row that crossed a block
+            b.append_block_runs(short, counts, blocks)
+            return False
         preempted = False
-        for slot in np.flatnonzero(wanted > b.num_blocks[:n]):
+        for slot in short:
             if slot >= len(b):
                 break
             while (blocks := self.pool.allocate(int(wanted[slot] - b.num_blocks[slot]))) is None:
@@ -177,6 +183,7 @@ class Scheduler:
             query_lens, tail, sample, b.block_tables[take], b.last_token[take].copy(),
             (ends - b.prompt_len[take])[sample], np.flatnonzero(from_prev), b.prev_index[take][from_prev],
             groups, shared, copies, prefill, b.scores[take].copy() if b.scores[take].any() else None,
+            bool(b.own_params[take][sample].any()),
         )  # fmt: skip
 
     def _preempt(self, seq: Seq) -> None:

@@ -52,6 +52,7 @@ class Step:
     block_copies: tuple[tuple[int, int], ...]  # (src, dst): partial prefix blocks copied before the step
     prefill_tokens: int  # tokens computed for prompts (or recomputed after preemption), not decode
     scoring: np.ndarray | None = None  # bool [n]: SCORE sequences (see engine.score_positions); None: none
+    own_params: bool = False  # some sampled row has settings of its own (Seq.params)
 
     @property
     def num_seqs(self) -> int:
