@@ -141,7 +141,8 @@ def test_plan_workers_estimate_keeps_within_one_instruction_copy_per_worker(work
     + (N - 1) x the instruction + 1%; 10 groups over 4 workers once cut two groups across workers."""
     planned, units = issue_units(workers)
     assignment = Assignment(units, [f"w{i}" for i in range(workers)])
-    first = [{k for u in q for k, t in u.prefix_edges().items() if t == 50} for q in assignment.queues.values()]
+    queues = assignment.queues.values()
+    first = [{k for u in q for k, t in u.prefix_edges().items() if t == 50} for q in queues]
     assert all(not (a & b) for i, a in enumerate(first) for b in first[i + 1 :])  # whole groups
     per_worker = simulate(units, workers)
     total = sum(w["prefill_tokens"] for w in per_worker.values())
