@@ -65,7 +65,8 @@ class Assignment:
         return bool(self.orphans) or any(self.queues.values())
 
     def next_for(self, worker: str) -> Handout | None:
-        """The next unit for an idle ``worker`` (stealing if its queue is empty); None: nothing left."""
+        """The next unit for an idle ``worker`` (stealing if its queue is empty); None: nothing left that
+        it may take (the rest is queued for others, in groups the copy budget keeps whole)."""
         queue = self.queues.setdefault(worker, deque())
         if not queue:
             self._refill(worker)
@@ -141,6 +142,8 @@ class Assignment:
         ids = [u.unit_id for u in queued]
         if len(set(ids)) != len(ids):
             raise AssertionError("a unit is queued twice")
+        if self.budget < 0:
+            raise AssertionError("steals copied more prefix tokens than the budget")
         counts = Counter(k for u in queued for k in self._keys[u.unit_id])
         if +self._queued != counts:
             raise AssertionError("queued prefix counts disagree with the queues")
