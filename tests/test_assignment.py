@@ -121,3 +121,31 @@ def test_a_worker_keeps_the_shared_prompt_between_units(tmp_path, tiny_models):
         run_dir.assemble(job.output, len(prompts))
         outputs.append(pq.read_table(job.output))
     assert outputs[0].equals(outputs[1])
+
+
+def issue_units(workers: int, groups: int = 10, rows: int = 20) -> tuple[int, list]:
+    """#17's job shape: a 600-token instruction > groups of a 50-token text > rows of 20 tokens, 32 out."""
+    rng = np.random.default_rng(17)
+    head = rng.integers(0, 4000, 600)
+    prompts = []
+    for _ in range(groups):
+        group = np.concatenate([head, rng.integers(0, 4000, 50)])
+        prompts += [np.concatenate([group, rng.integers(0, 4000, 20)]) for _ in range(rows)]
+    plan = make_plan(TokenSeqs.from_lists(prompts))
+    return plan.stats.prefill_tokens_planned, split_plan(plan, planned_rows(prompts, 32), workers)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_plan_workers_estimate_keeps_within_one_instruction_copy_per_worker(workers):
+    """`plan --workers N` (simulate): groups go whole to workers, so prefill stays within one worker's
+    + (N - 1) x the instruction + 1%; 10 groups over 4 workers once cut two groups across workers."""
+    planned, units = issue_units(workers)
+    assignment = Assignment(units, [f"w{i}" for i in range(workers)])
+    queues = assignment.queues.values()
+    first = [{k for u in q for k, t in u.prefix_edges().items() if t == 50} for q in queues]
+    assert all(not (a & b) for i, a in enumerate(first) for b in first[i + 1 :])  # whole groups
+    per_worker = simulate(units, workers)
+    total = sum(w["prefill_tokens"] for w in per_worker.values())
+    assert all(w["units"] for w in per_worker.values())
+    assert total <= (planned + (workers - 1) * 600) * 1.01
+    assert total - planned - (workers - 1) * 600 <= 0.01 * planned  # deeper copies within the budget

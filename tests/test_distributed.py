@@ -175,6 +175,40 @@ def test_a_killed_worker_has_its_units_finished_by_the_other(ray_runtime, job, m
     assert report["worker_retries"] >= 1 and report["rows_done"] == job["rows"]
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [("--choices", "yes,no,maybe"), ("--n", "4", "--temperature", "0.8", "--seed", "7")],
+    ids=["choices", "samples"],
+)
+def test_scoring_and_samples_on_two_workers_survive_a_killed_worker(ray_runtime, job, monkeypatch, flags):
+    """#13 with Ray: choice scores and seeded samples on 2 workers, one of them killed mid-unit, equal
+    one worker's output row for row (a sample's stream depends on its row and index, not its worker).
+    Log-probs are equal to float32 rounding: which rows share a forward pass changes the matmuls' sums."""
+    name = flags[0].strip("-")
+    code, out = cli(job, f"{name}1", *flags)
+    assert code == 0, out
+    monkeypatch.setenv("BATCHLLM_WORKER_CRASH_AT", "0:row:3")  # worker 0 SIGKILLs itself at its 3rd row
+    code, out = cli(job, f"{name}2", *flags, "--workers", "2")
+    assert code == 0, out
+    one, two = (pq.read_table(job["root"] / f"{name}{n}.parquet") for n in (1, 2))
+    assert two.column_names == one.column_names and one.num_rows == job["rows"]
+    for column in one.column_names:
+        if "logprob" in column:
+            assert np.allclose(flat(two[column]), flat(one[column]), rtol=0, atol=1e-4), column
+        else:
+            assert two[column].equals(one[column]), column
+    report = json.loads((job["root"] / f"{name}2.json").read_text())
+    assert report["worker_retries"] >= 1 and report["rows_done"] == job["rows"]
+
+
+def flat(column: pa.ChunkedArray) -> np.ndarray:
+    """A float column's values, list columns flattened (nulls as NaN)."""
+    values = column.combine_chunks()
+    while pa.types.is_list(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False)
+
+
 @pytest.mark.slow
 def test_when_every_worker_dies_new_ones_finish_the_job(ray_runtime, job, monkeypatch):
     monkeypatch.setenv("BATCHLLM_WORKER_CRASH_AT", "*:row:2")  # both first workers die at their 2nd row
