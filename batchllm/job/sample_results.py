@@ -90,7 +90,7 @@ class SampleGather:
         for s in range(self.count[row]):
             error = self.errors[row * self.n + s]
             if error is not None:
-                return error if self.n == 1 else f"sample {s}: {error}"
+                return error if self.count[row] == 1 else f"sample {s}: {error}"
         return None
 
     def _nest(self, values: pa.Array, counts: np.ndarray) -> pa.Array:
