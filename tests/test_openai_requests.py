@@ -111,10 +111,11 @@ def test_requests_widen_the_job_unless_max_new_tokens_is_given(tmp_path, gpt):
     job = JobSpec(
         input=path, model=str(gpt), output=tmp_path / "o.jsonl", sampling=SamplingParams(max_new_tokens=16)
     )
-    run, _ = batch_job(job, source)
+    run, _ = batch_job(job, source, 8192)
     assert (run.sampling.max_new_tokens, run.sampling.n, run.sampling.temperature) == (4000, 3, 1.0)
-    capped, capped_source = batch_job(JobSpec(**{**job.__dict__, "max_new_tokens_given": True}), source)
+    capped, capped_source = batch_job(JobSpec(**{**job.__dict__, "max_new_tokens_given": True}), source, 8192)
     assert capped.sampling.max_new_tokens == 16 and capped_source.caps_max_tokens
+    assert batch_job(job, source, 2048)[0].sampling.max_new_tokens == 2048  # never past the positions
 
 
 def test_an_interrupted_run_resumes_to_the_same_lines(gpt, results, monkeypatch):

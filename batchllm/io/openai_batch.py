@@ -73,7 +73,7 @@ class OpenAIBatchSource(InputSource):
             errors.append(request.error)
             params.append(self._filled(request.params))
             schemas.append(request.schema)
-            asked.append(request.asked)
+            asked.append(self._asked(request.asked, row.get("body")))
         ids = pa.array([row["custom_id"] for row in parsed.rows], type=pa.string())
         keep = pa.table({ASKED_COLUMN: pa.array(asked, ASKED)})
         return RowBatch(start, ids, texts, errors, keep, params, schemas)
@@ -91,8 +91,19 @@ class OpenAIBatchSource(InputSource):
         job's settings as run are widened to the largest request (``job.batch_job``)."""
         if params is None or self.defaults is None:
             return params
-        own = {"temperature": self.defaults.temperature, "max_tokens": self.defaults.max_new_tokens}
+        job = self.defaults
+        own = {"temperature": job.temperature, "max_tokens": job.max_new_tokens, "n": job.n}
         return {**params, **{k: v for k, v in own.items() if params.get(k) is None}}
+
+    def _asked(self, asked: dict | None, body: object) -> dict | None:
+        """What the output line reports: the job's --n and --logprobs where the request says nothing."""
+        if asked is None or self.defaults is None:
+            return asked
+        if "n" not in body:
+            asked = {**asked, "n": self.defaults.n}
+        if self.defaults.logprobs and "logprobs" not in body:
+            asked = {**asked, "logprobs": True, "top_logprobs": self.defaults.logprobs}
+        return asked
 
 
 def _same_model(asked: object, models: tuple[str, ...]) -> bool:

@@ -57,7 +57,7 @@ def parse_request(row: dict) -> BatchRequest:
         return BatchRequest(error=error)
     params = {k: body.get(k) for k in ("temperature", "top_p", "seed", "stop")}
     params["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
-    params["n"] = asked["n"]
+    params["n"] = body.get("n")  # None: the job's --n
     return BatchRequest(text, params, schema, asked)
 
 

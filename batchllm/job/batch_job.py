@@ -18,8 +18,9 @@ from batchllm.io.openai_batch import OpenAIBatchSource
 from batchllm.io.source import InputSource
 
 
-def batch_job(job: JobSpec, source: InputSource) -> tuple[JobSpec, InputSource]:
-    """(the job as run, the source with the job's own settings as its requests' defaults)."""
+def batch_job(job: JobSpec, source: InputSource, max_positions: int) -> tuple[JobSpec, InputSource]:
+    """(the job as run, the source with the job's own settings as its requests' defaults). No request
+    raises the job's max tokens past the model's positions (such a request is that row's error)."""
     if not isinstance(source, OpenAIBatchSource):
         return job, source
     own, needs = job.sampling, source.needs
@@ -29,7 +30,9 @@ def batch_job(job: JobSpec, source: InputSource) -> tuple[JobSpec, InputSource]:
     capped = job.max_new_tokens_given  # a --max-new-tokens given caps every request instead
     sampling = replace(
         own,
-        max_new_tokens=own.max_new_tokens if capped else max(own.max_new_tokens, needs.max_tokens),
+        max_new_tokens=own.max_new_tokens
+        if capped
+        else max(own.max_new_tokens, min(needs.max_tokens, max_positions)),
         n=n,
         logprobs=max(own.logprobs, needs.logprobs),
         temperature=temperature,

@@ -36,9 +36,10 @@ class JobInputs:
 
     @classmethod
     def open(cls, job: JobSpec) -> JobInputs:
-        job, source = batch_job(job, open_job_input(job))
+        source = open_job_input(job)
         model_path = resolve_model_path(job.model)
         mcfg = load_model_config(model_path)
+        job, source = batch_job(job, source, mcfg.max_position_embeddings)
         tokenizer = load_tokenizer(model_path)
         prompter = batch_prompter(source, tokenizer, system_prefix(job), job.chat)
         grammars = JobGrammars(job, tokenizer, mcfg) if is_constrained(job) else None
