@@ -78,13 +78,13 @@ class OpenAIBatchSource(InputSource):
         keep = pa.table({ASKED_COLUMN: pa.array(asked, ASKED)})
         return RowBatch(start, ids, texts, errors, keep, params, schemas)
 
-    def request(self, row: dict) -> BatchRequest:
+    def request(self, row: dict, with_text: bool = True) -> BatchRequest:
         """The line's request, or its error (another model, a request this tool cannot serve)."""
         body = row.get("body")
         model = body.get("model") if isinstance(body, dict) else None
         if model is not None and not _same_model(model, self.models):
             return BatchRequest(error=f"body asks for model {model!r}, but this job runs {self.models[0]!r}")
-        return parse_request(row)
+        return parse_request(row, with_text)
 
     def _filled(self, params: dict | None) -> dict | None:
         """A request's settings with the job's own temperature and max tokens where it gives none: the
@@ -142,5 +142,5 @@ def open_batch_file(path: Path, model: str) -> OpenAIBatchSource:
                     f"{path}: custom_id {custom_id!r} of line {lineno} repeats line {seen[custom_id]}"
                 )
             seen[custom_id] = lineno
-            needs = needs.add(source.request(row))
+            needs = needs.add(source.request(row, with_text=False))
     return replace(source, num_rows=len(seen), needs=needs)

@@ -39,8 +39,9 @@ class BatchRequest:
     error: str | None = None
 
 
-def parse_request(row: dict) -> BatchRequest:
-    """The request of one line (its model is checked by the caller)."""
+def parse_request(row: dict, with_text: bool = True) -> BatchRequest:
+    """The request of one line (its model is checked by the caller); without ``with_text``, its
+    settings only (a cheap look at what it asks: the prompt is not checked)."""
     url, body = row.get("url"), row.get("body")
     if row.get("method", "POST") != "POST" or url not in (CHAT_URL, COMPLETIONS_URL):
         got = f"{row.get('method')} {url}"
@@ -48,7 +49,9 @@ def parse_request(row: dict) -> BatchRequest:
     if not isinstance(body, dict):
         return BatchRequest(error="body is not an object")
     chat = url == CHAT_URL
-    text, error = _chat_text(body) if chat else _completion_text(body)
+    text, error = None, None
+    if with_text:
+        text, error = _chat_text(body) if chat else _completion_text(body)
     error = error or _unsupported(body, chat)
     schema, schema_error = response_schema(body.get("response_format"))
     asked, asked_error = _asked(body, url, chat)
