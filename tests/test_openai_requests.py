@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from batchllm.cli import app
 from batchllm.config import JobSpec, SamplingParams
+from batchllm.errors import JobError
 from batchllm.io.openai_batch import open_batch_file
 from batchllm.job.batch_job import batch_job
 
@@ -116,6 +117,8 @@ def test_requests_widen_the_job_unless_max_new_tokens_is_given(tmp_path, gpt):
     capped, capped_source = batch_job(JobSpec(**{**job.__dict__, "max_new_tokens_given": True}), source, 8192)
     assert capped.sampling.max_new_tokens == 16 and capped_source.caps_max_tokens
     assert batch_job(job, source, 2048)[0].sampling.max_new_tokens == 2048  # never past the positions
+    with pytest.raises(JobError, match="--explode-samples does not apply"):
+        batch_job(JobSpec(**{**job.__dict__, "explode_samples": True}), source, 2048)
 
 
 def test_an_interrupted_run_resumes_to_the_same_lines(gpt, results, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from batchllm.config import JobSpec
+from batchllm.errors import JobError
 from batchllm.io.openai_batch import OpenAIBatchSource
 from batchllm.io.source import InputSource
 
@@ -23,6 +24,14 @@ def batch_job(job: JobSpec, source: InputSource, max_positions: int) -> tuple[Jo
     raises the job's max tokens past the model's positions (such a request is that row's error)."""
     if not isinstance(source, OpenAIBatchSource):
         return job, source
+    if job.explode_samples:
+        raise JobError(
+            "--explode-samples does not apply to an OpenAI batch file (a request's samples are its choices)"
+        )
+    if job.schema_column is not None:
+        raise JobError(
+            "--schema-column does not apply to an OpenAI batch file (give requests a response_format)"
+        )
     own, needs = job.sampling, source.needs
     n = max(own.n, needs.n)
     # Every request carries its own temperature; a greedy job may only run n > 1 rows that sample.
