@@ -151,6 +151,8 @@ class JobSpec:
     grammar: GrammarSpec | None = None  # every row's output must match it (--json-schema/--regex/--grammar)
     schema_column: str | None = None  # column of per-row JSON Schema texts
     schema_in_prompt: bool = False  # with chat: the JSON Schema text goes into the system message
+    request_schemas: bool = False  # rows bring their own JSON Schema (OpenAI response_format)
+    max_new_tokens_given: bool = False  # --max-new-tokens was set: it caps OpenAI requests' max_tokens
 
     def __post_init__(self) -> None:
         self._check_grammar()

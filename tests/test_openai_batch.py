@@ -86,7 +86,7 @@ def test_requests_it_cannot_serve_go_to_the_errors_file(models):
     out = root / "mixed.out.jsonl"
     code, text = cli(root / "mixed.jsonl", "--model", models["gpt"], "--output", out)
     assert code == 1, text
-    assert [g["custom_id"] for g in lines(out)] == ["ok", "parts"]
+    assert [g["custom_id"] for g in lines(out)] == ["ok", "parts", "completions"]
     assert lines(out)[0]["response"]["body"]["usage"]["completion_tokens"] <= 3
     errors = {
         e["custom_id"]: e["response"]["body"]["error"]["message"]
@@ -94,8 +94,7 @@ def test_requests_it_cannot_serve_go_to_the_errors_file(models):
     }
     assert errors == {
         "other-model": f"body asks for model 'gpt-4o', but this job runs {str(models['gpt'])!r}",
-        "completions": "only POST /v1/chat/completions is supported, got POST /v1/completions",
-        "n": "n > 1 is not supported",
+        "n": "params n > 1 needs --temperature > 0 (greedy samples are equal), got 2",
         "no-role": "message 1 has no role",
         "bad-temperature": "params temperature must be a number, got 'hot'",
     }

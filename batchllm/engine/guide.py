@@ -104,9 +104,9 @@ class Guide:
             elif i not in reasons and constraint.is_done():
                 reasons[i] = "stop"
             elif reasons.get(i) == "length" and not constraint.can_stop():
+                limit = seq.params.max_new_tokens if seq.params is not None else self.max_new_tokens
                 seq.error = (
-                    f"output incomplete: {constraint.spec.kind} not complete within "
-                    f"max_new_tokens={self.max_new_tokens}"
+                    f"output incomplete: {constraint.spec.kind} not complete within max_new_tokens={limit}"
                 )
 
     def take_counts(self) -> tuple[int, int, int]:

@@ -7,6 +7,10 @@
      "logprobs": null, "finish_reason": "stop"}], "usage": {"prompt_tokens": ..., "completion_tokens": ...,
      "total_tokens": ..., "prompt_tokens_details": {"cached_tokens": ...}}}}, "error": null}
 
+A request with ``n`` gets a choice per sample (``usage.completion_tokens`` counts them all); one asking
+``logprobs`` gets them per choice in OpenAI's shape (chat: ``{"content": [{"token", "logprob", "bytes",
+"top_logprobs"}]}``; completions: ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``),
+cut to its own ``top_logprobs``. A ``/v1/completions`` request gets a ``text_completion``.
 A failed request gets ``status_code`` 400 and ``{"error": {"message", "type": "invalid_request_error"}}``
 as its body. Ids are derived from the ``custom_id``, so a resumed run writes the same lines.
 """
@@ -14,6 +18,7 @@ as its body. Ids are derived from the ``custom_id``, so a resumed run writes the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+
+from batchllm.io.openai_request import ASKED_COLUMN, CHAT_URL
 
 WriteAtomic = Callable[[Callable[[BinaryIO], None], Path, str], None]
 
@@ -51,18 +58,66 @@ def _line(custom_id: str, status: int, body: dict) -> dict:
 
 
 def _completion(row: dict, model: str, created: int) -> dict:
-    message = {"role": "assistant", "content": row["output"]}
+    """The response body: a chat.completion, or a text_completion for a ``/v1/completions`` request."""
+    asked = row.get(ASKED_COLUMN) or {"url": CHAT_URL, "logprobs": False, "top_logprobs": 0, "n": 1}
+    chat = asked["url"] == CHAT_URL
     usage = {
         "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["output_tokens"],
+        "completion_tokens": row["output_tokens"],  # every sample's
         "total_tokens": row["prompt_tokens"] + row["output_tokens"],
         "prompt_tokens_details": {"cached_tokens": row["cached_tokens"]},
     }
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": row["finish_reason"]}
+    choices = [
+        _choice(index, text, reason, logs, asked, chat)
+        for index, (text, reason, logs) in enumerate(_samples(row))
+    ]
+    kind, tag = ("chat.completion", "chatcmpl") if chat else ("text_completion", "cmpl")
     return {
-        "id": f"chatcmpl-{_tag(row['id'])}", "object": "chat.completion", "created": created, "model": model,
-        "choices": [choice], "usage": usage,
+        "id": f"{tag}-{_tag(row['id'])}", "object": kind, "created": created, "model": model,
+        "choices": choices, "usage": usage,
     }  # fmt: skip
+
+
+def _samples(row: dict) -> list[tuple[str | None, str, list | None]]:
+    """(text, finish reason, per-token logprobs or None) of each of the row's samples."""
+    logs = row.get("output_logprobs")
+    if row.get("outputs") is None:  # one sample per row
+        return [(row["output"], row["finish_reason"], logs)]
+    return list(zip(row["outputs"], row["finish_reasons"], logs or [None] * len(row["outputs"])))
+
+
+def _choice(index: int, text: str | None, reason: str, logs: list | None, asked: dict, chat: bool) -> dict:
+    k = asked["top_logprobs"]
+    logprobs = None
+    if asked["logprobs"] and logs is not None:
+        logprobs = _chat_logprobs(logs, k) if chat else _completion_logprobs(logs, k)
+    if chat:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _chat_logprobs(logs: list[dict], k: int) -> dict:
+    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and its ``k`` top alternatives."""
+
+    def entry(t: dict) -> dict:
+        return {"token": t["token"], "logprob": t["logprob"], "bytes": list(t["token"].encode("utf-8"))}
+
+    content = [entry(t) | {"top_logprobs": [entry(a) for a in t["top"][:k]]} for t in logs]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(logs: list[dict], k: int) -> dict:
+    """The completions shape: parallel lists, ``top_logprobs`` a {token: logprob} per token (k > 0)."""
+    tokens = [t["token"] for t in logs]
+    offsets = [0, *itertools.accumulate(len(t) for t in tokens)][: len(tokens)]
+    top = [{a["token"]: a["logprob"] for a in t["top"][:k]} for t in logs] if k else None
+    return {
+        "tokens": tokens,
+        "token_logprobs": [t["logprob"] for t in logs],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
 def _tag(custom_id: str) -> str:

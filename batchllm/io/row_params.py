@@ -17,10 +17,11 @@ KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 
 def row_params(
-    value: object, job: SamplingParams, cap_max_tokens: bool = False
+    value: object, job: SamplingParams, cap_max_tokens: bool = False, extra_keys: tuple[str, ...] = ()
 ) -> tuple[SamplingParams | None, str | None]:
     """(the row's settings, None) — None settings: the job's own — or (None, why the value is wrong).
-    ``cap_max_tokens``: a ``max_tokens`` above the job's is lowered to it instead of refused."""
+    ``cap_max_tokens``: a ``max_tokens`` above the job's is lowered to it instead of refused.
+    ``extra_keys``: keys allowed besides ``KEYS`` (``n`` for OpenAI batch requests)."""
     if value is None:
         return None, None
     if not isinstance(value, dict):
@@ -31,7 +32,7 @@ def row_params(
         and value["max_tokens"] > job.max_new_tokens
     ):
         value = {**value, "max_tokens": job.max_new_tokens}
-    unknown = [k for k in value if k not in KEYS]
+    unknown = [k for k in value if k not in KEYS and k not in extra_keys]
     if unknown:
         return None, f"params has an unknown key {unknown[0]!r} (known: {', '.join(KEYS)})"
     given = {k: v for k, v in value.items() if v is not None}
@@ -43,7 +44,7 @@ def row_params(
             return None, f"params {key} {error}, got {v!r}"
     stop = given.pop("stop", None)
     overrides = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in given.items()}
-    for key in ("max_new_tokens", "top_k", "seed"):
+    for key in ("max_new_tokens", "top_k", "seed", "n"):
         if key in overrides:
             overrides[key] = int(overrides[key])  # 5.0 from a column that also holds 2.5
     if stop is not None:
@@ -62,7 +63,8 @@ def _problem(key: str, value: object, job: SamplingParams) -> str | None:
         return None if ok else "must be a non-empty string or a list of them"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "must be a number"
-    if key in ("max_tokens", "top_k", "seed") and not (isinstance(value, int) or float(value).is_integer()):
+    integral = isinstance(value, int) or float(value).is_integer()
+    if key in ("max_tokens", "top_k", "seed", "n") and not integral:
         return "must be an integer"
     if not math.isfinite(value):
         return "must be finite"
@@ -72,6 +74,8 @@ def _problem(key: str, value: object, job: SamplingParams) -> str | None:
         return "must be >= 0"
     if key == "top_p" and not 0 < value <= 1:
         return "must be in (0, 1]"
+    if key == "n" and not 1 <= value <= job.n:
+        return f"must be in [1, {job.n}] (the job's --n)"
     if key == "top_k" and value < 0:
         return "must be >= 0"
     return None

@@ -64,9 +64,10 @@ def logprobs_array(logs: list, decode: Callable[[np.ndarray], list[str]]) -> pa.
     return pa.ListArray.from_arrays(_offsets(sizes), tokens, type=LOGPROBS)
 
 
-def nested(values: pa.Array, per_row: int, type_: pa.DataType) -> pa.Array:
-    """``values`` grouped ``per_row`` at a time: one list of samples per row."""
-    return pa.ListArray.from_arrays(_offsets(np.full(len(values) // per_row, per_row)), values, type=type_)
+def nested(values: pa.Array, per_row: int | np.ndarray, type_: pa.DataType) -> pa.Array:
+    """``values`` grouped ``per_row`` at a time (or each row's own count): one list of samples per row."""
+    sizes = np.full(len(values) // per_row, per_row) if isinstance(per_row, int) else per_row
+    return pa.ListArray.from_arrays(_offsets(sizes), values, type=type_)
 
 
 def _cat(parts: list[np.ndarray], dtype, empty_shape: tuple[int, ...]) -> np.ndarray:

@@ -25,6 +25,7 @@ class RowBatch:
     text_errors: list[str | None]
     keep: pa.Table | None  # the keep columns, None when none were asked for
     params: list | None = None  # each row's --params-column value (Python), None without that column
+    schemas: list[str | None] | None = None  # each row's own JSON Schema text (OpenAI response_format)
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -21,6 +21,7 @@ from batchllm.prefix_tree.plan import Plan, PlanStats
 def plan_job(job: JobSpec) -> dict:
     """The plan figures of the whole job (its windows combined), as ``batchllm run`` would plan it."""
     inputs = JobInputs.open(job)
+    job = inputs.job or job  # an OpenAI batch file's requests widen it
     mcfg, windows = inputs.mcfg, inputs.windows(job, np.zeros(inputs.source.num_rows, dtype=bool))
     stats, failed, flops_shared, flops_plain = [], 0, 0.0, 0.0
     per_worker: dict[str, dict[str, int]] = {}

@@ -33,7 +33,7 @@ def grammar_cache(tokenizer: Any, mcfg: ModelConfig) -> GrammarCache:
 
 
 def is_constrained(job: JobSpec) -> bool:
-    return job.grammar is not None or job.schema_column is not None
+    return job.grammar is not None or job.schema_column is not None or job.request_schemas
 
 
 def system_prefix(job: JobSpec) -> str | None:
@@ -94,7 +94,7 @@ class JobGrammars:
     def with_schemas(self, window: Window) -> Window:
         """The window with each row's schema text, and a row error for a schema that is missing or bad."""
         if self.column is None or not len(window):
-            return window
+            return self._checked(window) if window.schemas is not None else window
         batch = next(self.column.iter_batches(rows_per_batch=len(window), start=window.start))
         errors = list(window.errors)
         for i, (text, problem) in enumerate(zip(batch.texts, batch.text_errors)):
@@ -102,6 +102,18 @@ class JobGrammars:
                 continue
             errors[i] = self._schema_error(text, problem)
         return dataclasses.replace(window, errors=errors, schemas=list(batch.texts))
+
+    def _checked(self, window: Window) -> Window:
+        """The window with an error for each row whose own schema (an OpenAI response_format) is bad."""
+        errors = list(window.errors)
+        for i, text in enumerate(window.schemas):
+            if text is None or errors[i] is not None or window.skip[i]:
+                continue
+            try:
+                self.cache.compile(GrammarSpec("json_schema", text))
+            except ValueError as e:
+                errors[i] = f"response_format: {e}"
+        return dataclasses.replace(window, errors=errors)
 
     def _schema_error(self, text: str | None, problem: str | None) -> str | None:
         name = self.job.schema_column

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from batchllm.config import JobSpec
+from batchllm.io.batch_prompts import batch_prompter
 from batchllm.io.prompts import Prompter
 from batchllm.io.source import InputSource
+from batchllm.job.batch_job import batch_job
 from batchllm.job.grammars import JobGrammars, is_constrained, system_prefix
 from batchllm.job.scoring import Continuations, ScoreInputs, score_inputs
 from batchllm.job.windows import Window, open_job_input, read_windows
@@ -30,17 +32,19 @@ class JobInputs:
     prompter: Prompter
     grammars: JobGrammars | None  # structured output: the job's grammar and per-row schemas
     scorer: ScoreInputs | None  # a scoring job: what each row scores
+    job: JobSpec | None = None  # the job as run (an OpenAI batch file's widened: ``job.batch_job``)
 
     @classmethod
     def open(cls, job: JobSpec) -> JobInputs:
         source = open_job_input(job)
         model_path = resolve_model_path(job.model)
         mcfg = load_model_config(model_path)
+        job, source = batch_job(job, source, mcfg.max_position_embeddings)
         tokenizer = load_tokenizer(model_path)
-        prompter = Prompter(tokenizer, system_prefix(job), job.chat, source.messages)
+        prompter = batch_prompter(source, tokenizer, system_prefix(job), job.chat)
         grammars = JobGrammars(job, tokenizer, mcfg) if is_constrained(job) else None
         scorer = score_inputs(job, tokenizer, mcfg.max_position_embeddings)
-        return cls(source, model_path, mcfg, tokenizer, prompter, grammars, scorer)
+        return cls(source, model_path, mcfg, tokenizer, prompter, grammars, scorer, job)
 
     def windows(
         self, job: JobSpec, skip: np.ndarray

@@ -38,6 +38,11 @@ class Settings:
     values: dict
     job_file: Path | None = None
     from_job_file: frozenset[str] = field(default_factory=frozenset)
+    on_command_line: frozenset[str] = field(default_factory=frozenset)  # flags given, not defaults
+
+    def given(self, name: str) -> bool:
+        """Whether the setting was given (a flag or the job file) rather than left at its default."""
+        return name in self.on_command_line or name in self.from_job_file
 
     def __getitem__(self, name: str) -> object:
         return self.values[name]
@@ -52,8 +57,9 @@ class Settings:
 def merge_job_file(ctx: typer.Context, job: Path | None) -> Settings:
     """The command's parameters, with a job file's values where no flag was given."""
     params = dict(ctx.params)
+    flags = frozenset(n for n in params if getattr(ctx.get_parameter_source(n), "name", None) != "DEFAULT")
     if job is None:
-        return Settings(params)
+        return Settings(params, on_command_line=flags)
     try:
         settings = tomllib.loads(job.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -71,7 +77,7 @@ def merge_job_file(ctx: typer.Context, job: Path | None) -> Settings:
             continue  # the command line wins
         params[name] = _flag_value(name, value, job)
         taken.add(name)
-    return Settings(params, job, frozenset(taken))
+    return Settings(params, job, frozenset(taken), flags)
 
 
 def _type_problem(name: str, value: object, declared: object) -> str | None:
@@ -174,6 +180,7 @@ def _job_spec(p: Settings) -> JobSpec:
         grammar=_grammar(p),
         schema_column=p["schema_column"],
         schema_in_prompt=p["schema_in_prompt"],
+        max_new_tokens_given=p.given("max_new_tokens"),
     )
 
 

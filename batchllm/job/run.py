@@ -94,6 +94,7 @@ class Job:
 
             import_ray()
         self.inputs = JobInputs.open(job)
+        self.job = job = self.inputs.job or job  # an OpenAI batch file's requests widen it
         self.source, self.mcfg, self.grammars = self.inputs.source, self.inputs.mcfg, self.inputs.grammars
         self.parts = output_parts(self.source, job.output, job.output_dir)
         self.lock = self._take_run_dir(fresh)  # only once input, model and output are known to be fine

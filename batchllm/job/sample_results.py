@@ -11,7 +11,7 @@ import pyarrow as pa
 from batchllm.config import SamplingParams
 from batchllm.engine.sampled import LogprobLog
 from batchllm.io.faults import crash_point
-from batchllm.io.sample_columns import LOGPROBS, extra_fields, logprobs_array, nested
+from batchllm.io.sample_columns import extra_fields, logprobs_array, nested
 from batchllm.job.counters import RowCounts
 from batchllm.job.results import UnitResults
 from batchllm.job.rows import RowBlock
@@ -31,6 +31,8 @@ class SampleGather:
             self.rows = unit_rows.take(firsts)
             position = {r: i for i, r in enumerate(unit_rows.row_index[firsts].tolist())}
             self.row_of = np.asarray([position[r] for r in unit_rows.row_index.tolist()], dtype=np.int64)
+        # each output row's own sample count (OpenAI requests: up to the job's n; --n: n for all)
+        self.count = np.bincount(self.row_of, minlength=len(self.rows)).astype(np.int64)
         size = len(self.rows) * self.n
         self.text: list[str | None] = [None] * size
         self.reason: list[str] = ["error"] * size
@@ -50,7 +52,7 @@ class SampleGather:
         self.text[slot], self.reason[slot], self.tokens[slot], self.logs[slot] = text, reason, n_out, log
         self.errors[slot] = error
         self.done[row] += 1
-        return row if self.done[row] == self.n else None
+        return row if self.done[row] == self.count[row] else None
 
     def copy(self, dup: int, rep: int) -> None:
         """A duplicate row (greedy, one sample) gets its representative's outputs."""
@@ -60,37 +62,39 @@ class SampleGather:
 
     def columns(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """The extra columns of output ``rows`` (in that order), typed as ``extra_fields`` says."""
-        slots = (rows[:, None] * self.n + np.arange(self.n)).ravel()
+        counts = self.count[rows]
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        slots = np.repeat(np.asarray(rows, dtype=np.int64) * self.n, counts) + within
         out: dict[str, pa.Array] = {}
         if self.n > 1:
-            out["outputs"] = self._nest(pa.array([self.text[s] for s in slots], pa.string()))
-            out["finish_reasons"] = self._nest(pa.array([self.reason[s] for s in slots], pa.string()))
-            out["sample_output_tokens"] = self._nest(pa.array(self.tokens[slots]))
+            out["outputs"] = self._nest(pa.array([self.text[s] for s in slots], pa.string()), counts)
+            reasons = pa.array([self.reason[s] for s in slots], pa.string())
+            out["finish_reasons"] = self._nest(reasons, counts)
+            out["sample_output_tokens"] = self._nest(pa.array(self.tokens[slots]), counts)
         if self.k:
             logs = [self.logs[s] or LogprobLog(self.k, 1) for s in slots.tolist()]
             per_token = logprobs_array(logs, self._decode)
             totals = pa.array([log.total() for log in logs], pa.float64())
-            out["output_logprobs"] = (
-                nested(per_token, self.n, pa.list_(LOGPROBS)) if self.n > 1 else per_token
-            )
-            out["output_logprob"] = self._nest(totals) if self.n > 1 else totals
+            many = self.n > 1
+            out["output_logprobs"] = self._nest(per_token, counts) if many else per_token
+            out["output_logprob"] = self._nest(totals, counts) if many else totals
         return out
 
     def summary(self, row: int) -> tuple[str | None, int, str]:
         """The row's usual columns: sample 0's text and finish reason, every sample's tokens."""
         first = row * self.n
-        return self.text[first], int(self.tokens[first : first + self.n].sum()), self.reason[first]
+        return self.text[first], int(self.tokens[first : first + self.count[row]].sum()), self.reason[first]
 
     def error(self, row: int) -> str | None:
         """The row's error: its first sample's that has one (named by its index when N > 1)."""
-        for s in range(self.n):
+        for s in range(self.count[row]):
             error = self.errors[row * self.n + s]
             if error is not None:
-                return error if self.n == 1 else f"sample {s}: {error}"
+                return error if self.count[row] == 1 else f"sample {s}: {error}"
         return None
 
-    def _nest(self, values: pa.Array) -> pa.Array:
-        return nested(values, self.n, pa.list_(values.type))
+    def _nest(self, values: pa.Array, counts: np.ndarray) -> pa.Array:
+        return nested(values, counts, pa.list_(values.type))
 
     def _decode(self, ids: np.ndarray) -> list[str]:
         """Each id's text: the tokenizer's decoding of that single token (cached per id)."""

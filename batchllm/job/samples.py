@@ -27,13 +27,15 @@ def sample_key(seed: int, row_id: object, sample: int) -> int:
 
 
 def expand_samples(
-    block: RowBlock, prompts: list[np.ndarray], keys: list[int], n: int, seed: int
+    block: RowBlock, prompts: list[np.ndarray], keys: list[int], n: int | list[int], seed: int
 ) -> tuple[RowBlock, list[np.ndarray], list[int]]:
-    """Each row as ``n`` consecutive sample rows (sample index in ``RowBlock.sample``), with their keys."""
-    if n == 1:
+    """Each row as ``n`` consecutive sample rows (sample index in ``RowBlock.sample``), with their keys.
+    ``n`` may be each row's own count (OpenAI requests); the job's ``--n`` is then their largest."""
+    if isinstance(n, int) and n == 1:
         return block, prompts, keys
-    rows = np.repeat(np.arange(len(block), dtype=np.int64), n)
-    sample = np.tile(np.arange(n, dtype=np.int64), len(block))
+    counts = np.full(len(block), n, dtype=np.int64) if isinstance(n, int) else np.asarray(n, np.int64)
+    rows = np.repeat(np.arange(len(block), dtype=np.int64), counts)
+    sample = np.arange(len(rows), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     ids = block.ids.to_pylist()
     new_keys = [
         keys[r] if s == 0 else sample_key(seed, ids[r], s) for r, s in zip(rows.tolist(), sample.tolist())

@@ -119,8 +119,9 @@ class UnitWorker:
             return
         for seq in seqs:
             if seq.is_row:
-                spec = job.grammar if schemas is None else GrammarSpec("json_schema", schemas[seq.index])
-                seq.constraint = cache.new_row(spec)
+                own = None if schemas is None else schemas[seq.index]
+                spec = job.grammar if own is None else GrammarSpec("json_schema", own)
+                seq.constraint = None if spec is None else cache.new_row(spec)
 
     def _engine_for(self, unit: WorkUnit, kv_blocks: int) -> Engine:
         """The worker's engine, unless its pool is smaller than this unit should get (then a new one,

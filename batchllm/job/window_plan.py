@@ -27,9 +27,10 @@ def plan_window(job: JobSpec, window: Window, continuations: list[Continuations]
     keys = row_keys(job.sampling.seed, window.ids, runnable, window.params)
     params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
     n = job.sampling.n
-    block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, n, job.sampling.seed)
+    counts = n if params is None or n == 1 else [n if p is None else p.n for p in params]
+    block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, counts, job.sampling.seed)
     if params is not None and n > 1:
-        params = [p for p in params for _ in range(n)]
+        params = [p for p, c in zip(params, counts) for _ in range(c)]
     share = job.engine.prefix_sharing
     # Duplicates are merged only when nothing but the prompt decides a row's output.
     own = window.params is not None or job.schema_column is not None or job.scoring.column is not None

@@ -94,8 +94,9 @@ def read_windows(
         done = skip[batch.start : batch.start + len(batch)]
         if done.all():
             continue
-        cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests: capped, not refused
-        params, param_errors = _params(batch.params, sampling, len(batch), cap)
+        cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests under --max-new-tokens
+        extra = getattr(source, "extra_param_keys", ())  # OpenAI requests: n too
+        params, param_errors = _params(batch.params, sampling, len(batch), cap, extra)
         texts = [None if d or p else t for t, d, p in zip(batch.texts, done, param_errors)]
         text_errors = [
             e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
@@ -107,16 +108,21 @@ def read_windows(
             err or length_error(ids, row_max_new, max_positions)
             for ids, err, row_max_new in zip(prompts.token_ids, prompts.errors, max_new)
         ]
-        yield Window(batch.start, batch.ids, batch.keep, prompts.token_ids, errors, done, params)
+        keep, schemas = batch.keep, batch.schemas
+        yield Window(batch.start, batch.ids, keep, prompts.token_ids, errors, done, params, schemas)
 
 
 def _params(
-    values: list | None, sampling: SamplingParams | None, n: int, cap: bool = False
+    values: list | None,
+    sampling: SamplingParams | None,
+    n: int,
+    cap: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> tuple[list[SamplingParams | None] | None, list[str | None]]:
     """Each row's settings (None: the job's) and the error of a row whose value is wrong."""
     if values is None or sampling is None:
         return None, [None] * n
-    pairs = [row_params(v, sampling, cap) for v in values]
+    pairs = [row_params(v, sampling, cap, extra) for v in values]
     return [p for p, _ in pairs], [e for _, e in pairs]
 
 
