@@ -24,6 +24,7 @@ TEXTS = [
     "  leading spaces, tabs\tand\nnewlines  ",
     "<|im_start|>user\nhi<|im_end|>\n<|endoftext|> after the end",
     "ünïcödé — 日本語 🙂",
+    "Rated 123 of 4567, at 10:30.",
     "",
 ]
 
@@ -96,8 +97,16 @@ def test_fast_tokenizer_gives_autotokenizer_ids(model_dir):
     assert ours.apply_chat_template(chat, **kwargs) == theirs.apply_chat_template(chat, **kwargs)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families_give_autotokenizer_ids(tiny_models, family):
+    """Mistral runs on FastTokenizer; Qwen's transformers class splits digits apart: it keeps transformers."""
+    ours, theirs = load_tokenizer(tiny_models[family]), AutoTokenizer.from_pretrained(tiny_models[family])
+    assert isinstance(ours, FastTokenizer) == (family == "mistral")
+    assert ours(TEXTS)["input_ids"] == theirs(TEXTS)["input_ids"]
+
+
 def test_unusual_tokenizer_files_keep_transformers(tiny_models, tmp_path):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         shutil.copy(tiny_models["llama"] / name, tmp_path / name)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))

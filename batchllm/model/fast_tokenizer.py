@@ -2,11 +2,12 @@
 
 Importing transformers' tokenizer classes costs seconds at start-up; encoding and decoding need only
 the Rust tokenizer the file describes. ``FastTokenizer`` is used where it gives transformers' ids
-exactly, which is decided from the files alone (``plain_tokenizer_files``): a ``tokenizer.json``, a
-tokenizer class that loads that file unchanged, no ``add_bos_token``/``add_eos_token`` override of its
-post-processor, and no clean-up of decoded spaces (or a BPE model, where transformers skips it).
-Anything else it is asked for (a chat template's rendering, a grammar's vocabulary) goes to the
-transformers tokenizer, built on first use (``hf``), the same object ``AutoTokenizer`` gives today.
+exactly, which is decided from the files alone (``plain_tokenizer_files``): a ``tokenizer.json``; a
+model type and tokenizer class whose transformers tokenizer loads that file unchanged; no
+``add_bos_token``/``add_eos_token`` override of its post-processor; no clean-up of decoded spaces (or
+a BPE model, where transformers skips it). Anything else it is asked for (a chat template's rendering,
+a grammar's vocabulary) goes to the transformers tokenizer, built on first use (``hf``), the same
+object ``AutoTokenizer`` gives today.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+# transformers picks the tokenizer class from config.json's model_type too, and some families' classes
+# rebuild parts of tokenizer.json (Qwen2's splits digits one by one): only these are known to keep it.
+PLAIN_MODEL_TYPES = frozenset({"llama", "mistral"})
 # Classes whose transformers tokenizer is tokenizer.json as is (their defaults add nothing).
 PLAIN_CLASSES = frozenset(
     {"PreTrainedTokenizerFast", "TokenizersBackend", "GPT2Tokenizer", "GPT2TokenizerFast",
@@ -37,9 +41,18 @@ def plain_tokenizer_files(model_path: Path) -> dict[str, Any] | None:
         return None
     if config.get("tokenizer_class") not in PLAIN_CLASSES or any(k in config for k in _OVERRIDES):
         return None
+    if _model_type(model_path) not in PLAIN_MODEL_TYPES:
+        return None
     if not isinstance(config.get("chat_template", ""), str):  # named templates: transformers picks
         return None
     return _with_special_tokens_map(model_path, config)
+
+
+def _model_type(model_path: Path) -> str | None:
+    try:
+        return json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _with_special_tokens_map(model_path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
