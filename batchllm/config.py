@@ -58,6 +58,8 @@ class EngineConfig:
     prefix_sharing: bool = True
     deterministic: bool = False  # batch-invariant attention (torch backend): see kernels/torch_chunked.py
     load_format: str = "auto"  # auto | dummy
+    cuda_graphs: bool = True  # decode steps through CUDA graphs (CUDA + Triton): engine/cuda_graphs.py
+    cuda_graph_max_batch: int = 512  # rows of the largest graph bucket; bigger steps run eagerly
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -71,6 +73,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)
         check_bool("prefix-sharing", self.prefix_sharing)
+        check_bool("cuda-graphs", self.cuda_graphs)
+        check_int("cuda-graph-max-batch", self.cuda_graph_max_batch, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ Sections:
              references at the same shapes
   fused_e2e  batchllm end to end, fused ops on vs off (BATCHLLM_FUSED_OPS): float32 tiny dummy model,
              greedy outputs token-identical
-  cuda_graph batchllm end to end with CUDA-graph decode vs eager, bf16, token-identical; runs once
-             EngineConfig has a CUDA-graph switch (skipped until then)
+  cuda_graph batchllm end to end with CUDA-graph decode (engine/cuda_graphs.py, Triton backend) vs
+             eager (--no-cuda-graphs), bf16, token-identical
 """
 
 from __future__ import annotations
@@ -249,8 +249,9 @@ def check_cuda_graph(root: Path, rows: int) -> dict:
         return {"status": "skip", "reason": "needs CUDA", "switch": field}
     model_dir, texts = _tiny_model(root, rows)
     eager_value = field == "enforce_eager"
-    eager = _run_job(model_dir, root / "eager", "bfloat16", texts, **{field: eager_value})
-    graphs = _run_job(model_dir, root / "graphs", "bfloat16", texts, **{field: not eager_value})
+    triton = {"attention_backend": "triton"}  # graphs run with the Triton backend only
+    eager = _run_job(model_dir, root / "eager", "bfloat16", texts, **{field: eager_value}, **triton)
+    graphs = _run_job(model_dir, root / "graphs", "bfloat16", texts, **{field: not eager_value}, **triton)
     return _same_outputs(eager, graphs) | {"switch": field}
 
 

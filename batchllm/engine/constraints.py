@@ -29,13 +29,12 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import llguidance
-import llguidance.hf
 import llguidance.torch
 import torch
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
-from transformers import PreTrainedTokenizerFast
 
 from batchllm.engine.grammar_spec import GRAMMAR_KINDS, GrammarKind, GrammarSpec
 from batchllm.engine.token_mask import allocate_bitmask, apply_mask
@@ -106,7 +105,7 @@ class GrammarCache:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerFast,
+        tokenizer: Any,  # transformers' fast tokenizer, or model.fast_tokenizer's FastTokenizer
         vocab_size: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
         threads: int | None = None,
@@ -117,7 +116,10 @@ class GrammarCache:
         eos = list(eos_token_ids) if eos_token_ids is not None else [tokenizer.eos_token_id]
         if not eos or None in eos:
             raise ValueError("structured output needs an EOS token id; the tokenizer has none")
-        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        import llguidance.hf  # imports transformers: only jobs with grammars pay for it
+
+        hf = getattr(tokenizer, "hf", tokenizer)  # model.fast_tokenizer's wraps transformers' own
+        self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size, eos_token=eos)
         self._executor = llguidance.LLExecutor(num_threads=threads)
         self._compiled: dict[str, CompiledGrammar] = {}
         self._failed: dict[str, str] = {}

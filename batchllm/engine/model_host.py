@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from batchllm.config import EngineConfig, SamplingParams
+from batchllm.engine.cuda_graphs import DecodeGraphs, decode_graph_mode
 from batchllm.engine.guide import Guide
 from batchllm.engine.loop import Engine
 from batchllm.engine.model_runner import ModelRunner
@@ -42,6 +43,11 @@ class ModelHost:
         self.kv_caches: list = []
         self.kv_blocks = 0  # blocks in the KV cache now allocated
         self.grammars = None  # a GrammarCache (engine.constraints) when the job has output grammars
+        # Decode steps through CUDA graphs ("capture"), the same padded path run eagerly ("padded", for
+        # tests on the CPU), or eagerly (None); set before the first engine is built.
+        graphs = decode_graph_mode(engine_cfg, self.place.device, self.backend.name, mcfg.moe is not None)
+        self.graph_mode = "capture" if graphs else None
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def device_name(self) -> str:
@@ -72,6 +78,7 @@ class ModelHost:
             pool, cfg.block_size, cfg.token_budget, cfg.max_running, self.sampling.max_new_tokens
         )
         runner = ModelRunner(self.model, self.kv_caches, self.backend, cfg.block_size, self.sampling)
+        runner.graphs = self.graphs
         guide = None
         if self.grammars is not None:
             guide = Guide(self.grammars, self.sampling.max_new_tokens, self.jump_forward)
@@ -88,7 +95,18 @@ class ModelHost:
         num_blocks = kv_pool_blocks(
             self.cfg, self.place.device, bytes_per_block, None if cuda else blocks_needed
         )
+        scratch = 1 if self.graph_mode else 0  # graphs' padding rows write to a block past the pool's
         self.kv_caches = allocate_kv_caches(
-            self.mcfg, num_blocks, self.cfg.block_size, self.place.dtype, self.place.device
+            self.mcfg, num_blocks + scratch, self.cfg.block_size, self.place.dtype, self.place.device
         )
         self.kv_blocks = num_blocks
+        self.graphs = self._decode_graphs(num_blocks) if self.graph_mode else None
+
+    def _decode_graphs(self, scratch_block: int) -> DecodeGraphs:
+        cfg = self.cfg
+        return DecodeGraphs(
+            self.model, self.kv_caches, self.backend, cfg.block_size,
+            max_rows=min(cfg.cuda_graph_max_batch, cfg.max_running),
+            width=-(-self.mcfg.max_position_embeddings // cfg.block_size),
+            scratch_block=scratch_block, capture=self.graph_mode == "capture",
+        )  # fmt: skip

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.cuda_graphs import DecodeGraphs, step_arrays
 from batchllm.engine.logprobs import gather_logprobs
 from batchllm.engine.row_sampling import sample_rows
 from batchllm.engine.sampled import Sampled
@@ -53,6 +54,7 @@ class ModelRunner:
         self.sampling = sampling
         self.device = kv_caches[0][0].device
         self.staging = Staging(self.device)
+        self.graphs: DecodeGraphs | None = None  # decode steps through CUDA graphs (set by ModelHost)
 
     def launch(
         self, step: Step, prev_sampled: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -75,8 +77,10 @@ class ModelRunner:
         if prev_sampled is not None and len(step.prev_rows):
             rows = torch.from_numpy(inputs.query_start_loc[1:][step.prev_rows] - 1).to(self.device)
             input_ids[rows] = prev_sampled[torch.from_numpy(step.prev_index).to(self.device)]
-        meta = self._metadata(step, inputs, dev)
-        hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
+        hidden = self._graph_forward(inputs, input_ids, dev)
+        if hidden is None:  # not a decode step a graph bucket takes: eager
+            meta = self._metadata(step, inputs, dev)
+            hidden = self.model(input_ids, dev["positions"], self.kv_caches, meta, self.backend)
         scored = None
         if spans is not None:
             logits = self.model.compute_logits(hidden[dev["score_rows"]])
@@ -89,6 +93,12 @@ class ModelRunner:
         tokens = self._sample(step, logits, mask)
         sampled = Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
         return StepOutput(sampled, scored, spans)
+
+    def _graph_forward(self, inputs, input_ids: torch.Tensor, dev: dict) -> torch.Tensor | None:
+        """The decode step's hidden states through ``engine.cuda_graphs``, or None: run it eagerly."""
+        if self.graphs is None or inputs.group_start_loc is None or self.backend.wants_chunk_plan:
+            return None
+        return self.graphs.run(step_arrays(inputs, input_ids, dev))
 
     def _sample(self, step: Step, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is not None:

@@ -79,6 +79,7 @@ class AttentionMetadata:
     decode_groups: DecodeGroups | None = None  # set only when one_token_each
     chunk_plan: ChunkPlan | None = None  # batch-invariant attention's plan (torch, deterministic)
     mixed_split: MixedSplit | None = None  # mixed steps: decode rows apart, for cascade (decode_part.py)
+    num_splits: int | None = None  # prefix decode's KV splits, fixed per CUDA-graph bucket (None: auto)
 
     @property
     def num_seqs(self) -> int:

@@ -193,6 +193,7 @@ def prefix_decode_attention(
     rows_per_tile = shared_m // group
     num_groups = groups.shared_blocks.shape[0]
     row_tiles = triton.cdiv(max(groups.max_group_size, 1), rows_per_tile)
+    num_splits = num_splits or meta.num_splits
     if num_splits is None:
         num_splits = auto_splits(q.device, num_groups * row_tiles * num_kv_heads, meta.max_seq_len)
     part_out = torch.empty((num_splits + 1, *q.shape), dtype=torch.float32, device=q.device)

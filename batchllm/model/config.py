@@ -12,6 +12,7 @@ from batchllm.errors import JobError
 from batchllm.model import families
 from batchllm.model.families import GemmaConfig, MoEConfig
 from batchllm.model.gguf_file import find_gguf, is_gguf
+from batchllm.model.raw_config import raw_config
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,11 @@ def load_model_config(path: Path) -> ModelConfig:
 
 def _hf_config(path: Path) -> tuple[str, Any]:
     """(architecture, transformers config) of a model directory; JobError when it is not one we run."""
-    architecture = _architecture(_read_json(path / "config.json", required=True))
+    raw = _read_json(path / "config.json", required=True)
+    architecture = _architecture(raw)
+    plain = raw_config(raw, architecture)  # the common dense families, without importing transformers
+    if plain is not None:
+        return architecture, plain
     try:
         from transformers import AutoConfig
 

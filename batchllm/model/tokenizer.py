@@ -5,16 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchllm.errors import JobError
+from batchllm.model.fast_tokenizer import FastTokenizer, plain_tokenizer_files
 from batchllm.model.gguf_file import is_gguf
 
 
 def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
+    """The model's tokenizer: ``FastTokenizer`` where it gives transformers' ids exactly (no
+    transformers import), else transformers' own."""
     if is_gguf(model_path):
         from batchllm.model.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(model_path)
+    config = plain_tokenizer_files(model_path)
+    if config is not None:
+        try:
+            return FastTokenizer(model_path, config)
+        except Exception:  # a file tokenizers cannot read: transformers reports it below
+            pass
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
