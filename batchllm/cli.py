@@ -96,9 +96,8 @@ def run(
     ] = None,
     attention_backend: Annotated[str, Opt(help="auto | torch | triton")] = "auto",
     prefix_sharing: Annotated[bool, Opt(help="Share KV of common prompt prefixes.")] = True,
-    deterministic: Annotated[
-        bool, Opt(help="Batch-invariant attention: a row's output never depends on its batch.")
-    ] = False,
+    deterministic: Annotated[bool, Opt(help="Batch-invariant: no output depends on its batch.")] = False,
+    cuda_graphs: Annotated[bool, Opt(help="Decode steps through CUDA graphs (GPU, Triton backend).")] = True,
     load_format: Annotated[str, Opt(help="auto | dummy (random weights from config.json)")] = "auto",
     window: Annotated[
         int, Opt(help="Rows planned and run together (one prefix tree each); 0: sized to memory.")

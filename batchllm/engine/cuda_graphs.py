@@ -11,8 +11,8 @@ batches; a graph replays the whole forward in one launch. Graphs need fixed shap
 Logits, sampling, masks and logprobs stay outside the graph (eager). Steps that do not fit run eagerly:
 mixed and prefill steps, scoring steps, the batch-invariant torch path, more rows than the cap, a
 block table wider than the buffers. Graphs are on only on CUDA with the Triton backend (the torch
-backend's cascade plans on the host each step) and for dense models; ``EngineConfig.cuda_graphs`` or
-``BATCHLLM_CUDA_GRAPHS=0`` turns them off.
+backend's cascade plans on the host each step) and for dense models; ``--no-cuda-graphs``
+(``EngineConfig.cuda_graphs``) turns them off.
 
 ``capture=False`` runs the very same padded static-buffer path with the model called eagerly: what
 the CPU tests check against the plain eager path, token for token.
@@ -20,7 +20,6 @@ the CPU tests check against the plain eager path, token for token.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +30,6 @@ from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.metadata import AttentionMetadata, auto_splits
 from batchllm.kernels.static_metadata import StaticDecodeBuffers, StepArrays
 
-GRAPHS_ENV = "BATCHLLM_CUDA_GRAPHS"  # "0": decode eagerly (until the CLI has a flag for it)
 SMALL_BUCKETS = (1, 2, 4, 8, 16, 32)
 BUCKET_STEP = 32  # past the small buckets, every multiple of this up to the cap
 WARMUP_RUNS = 2  # eager runs before a capture: Triton compiles and caches its kernels outside it
@@ -46,8 +44,8 @@ def graph_buckets(cap: int) -> tuple[int, ...]:
 
 def decode_graph_mode(cfg: EngineConfig, device: torch.device, backend: str, moe: bool) -> bool:
     """Whether decode steps run through captured graphs: CUDA, Triton attention, dense model, not off
-    (``EngineConfig.cuda_graphs``, or ``BATCHLLM_CUDA_GRAPHS=0`` in the environment)."""
-    if not cfg.cuda_graphs or os.environ.get(GRAPHS_ENV, "1") == "0":
+    (``EngineConfig.cuda_graphs``: ``--no-cuda-graphs``)."""
+    if not cfg.cuda_graphs:
         return False
     return device.type == "cuda" and backend == "triton" and not moe
 

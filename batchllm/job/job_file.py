@@ -249,5 +249,6 @@ def _engine(p: Settings) -> EngineConfig:
         attention_backend=p["attention_backend"],
         prefix_sharing=p["prefix_sharing"],
         deterministic=p["deterministic"],
+        cuda_graphs=p["cuda_graphs"],
         load_format=p["load_format"],
     )
