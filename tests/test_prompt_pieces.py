@@ -17,7 +17,7 @@ from batchllm.prefix_tree.seqs import TokenSeqs
 # Boundaries that would merge if cut there (a prefix ending in a space, mid-word, in a newline that the
 # text's own newline or space joins) next to ones that split (a newline before a letter).
 PREFIXES = [None, "Classify this.\nReview: ", "Instruction line one.\nAnd two\n", "Rate it\n\nRevi", "A: 12"]
-EDGE_TEXTS = ["\nstarts with a newline", " starts with a space", "ew: mid-word", "34 digits", "", "x\n\ny\n  z"]
+EDGE_TEXTS = ["\nstarts with a newline", " starts with a space", "ew: mid-word", "34", "", "x\n\ny\n  z"]
 
 
 def _texts(make_rows) -> list[str | None]:

@@ -1,18 +1,20 @@
 """Where a prompt can be cut so that its pieces, tokenized apart, give the ids of the whole prompt.
 
-The cut points are line starts: just after a newline that has a non-space character on each side (a
-space or another newline before it can join it in one pre-token: GPT-2's `` \n`` and ``\n\n``). The
-Rust tokenizer runs added tokens, then the normalizer, then the pre-tokenizer, then the model per
-pre-token. A cut is exact when (1) no added token can span it or absorb the newline before it
-(none holds a newline, none strips on its left); (2) the normalizer works per character (Unicode forms,
-lowercasing; a newline composes with nothing); (3) the pre-tokenizer always splits there and adds
-nothing at a text's start. (3) holds for the byte-level regexes of GPT-2, Llama 3, Qwen 2 and GPT-4o: none
-of their alternatives can hold a newline followed by a non-space character (a newline ends a whitespace
-run; no leading-character class takes one), and a newline after a non-space character starts a new one. It is checked, not assumed: the pre-tokenizer must be one of
-the kinds below, and a grid of probes (newline after letters, digits, punctuation, non-ASCII; before letters, digits, punctuation, contractions, non-ASCII and special tokens) must encode
-identically whole and cut. Anything else (SentencePiece's Metaspace, no pre-tokenizer, a prefix space)
-gets whole prompts. Prompts that are cut are checked again against whole encoding per window
-(``io.piece_encoder``).
+The cut points are line starts: just after a newline with a non-space character on each side (a space or
+another newline before it can join it in one pre-token: GPT-2's `` \n`` and ``\n\n``). The Rust
+tokenizer runs added tokens, then the normalizer, then the pre-tokenizer, then the model per pre-token.
+A cut is exact when (1) no added token can span it or absorb the newline before it (none holds a
+newline, none strips on its left); (2) the normalizer works per character (Unicode forms, lowercasing;
+a newline composes with nothing); (3) the pre-tokenizer always splits there and adds nothing at a
+text's start. (3) holds for the byte-level regexes of GPT-2, Llama 3, Qwen 2 and GPT-4o: none of their
+alternatives can hold a newline followed by a non-space character (a newline ends a whitespace run; no
+leading-character class takes one), and after a non-space character a newline starts a new one.
+
+It is checked, not assumed: the pre-tokenizer must be one of the kinds below, and a grid of probes
+(a newline after letters, digits, punctuation, non-ASCII; before letters, digits, punctuation,
+contractions, combining marks, CJK and special tokens) must encode identically whole and cut. Anything
+else (SentencePiece's Metaspace, no pre-tokenizer, a prefix space) gets whole prompts. Cut prompts are
+checked again against whole encoding on the first rows of every window (``io.prompts``).
 """
 
 from __future__ import annotations

@@ -94,22 +94,28 @@ class PieceEncoder:
         self.piece_lengths.append(len(ids))
         return len(self.piece_lengths) - 1
 
-    def pack(self) -> TokenSeqs:
-        """Every row added so far, in order, as CSR (a failed row is empty)."""
+    def pack(self, rows: int | None = None) -> TokenSeqs:
+        """The first ``rows`` rows added (default: all), in order, as CSR (a failed row is empty). Packing
+        them all lets go of the piece index (its texts) first."""
+        counts = np.asarray(self.row_pieces[:rows], dtype=np.int64)
+        if rows is None:
+            self.index = {}
         piece_tokens = np.concatenate(self.piece_ids) if self.piece_ids else np.zeros(0, np.int32)
         lengths = np.asarray(self.piece_lengths, dtype=np.int64)
         piece_starts = np.cumsum(lengths) - lengths
-        occ = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int32)
+        occ = np.concatenate(self.rows)[: int(counts.sum())] if self.rows else np.zeros(0, np.int32)
         occ_ends = np.cumsum(lengths[occ])
-        row_ends = np.cumsum(np.asarray(self.row_pieces, dtype=np.int64))
-        ends = np.where(row_ends > 0, occ_ends[np.maximum(row_ends - 1, 0)] if occ.size else 0, 0)
-        offsets = np.concatenate([[0], ends]).astype(np.int64)
+        row_ends = np.cumsum(counts)
+        ends = occ_ends[np.maximum(row_ends - 1, 0)] if occ.size else np.zeros_like(row_ends)
+        offsets = np.concatenate([[0], np.where(row_ends > 0, ends, 0)]).astype(np.int64)
         tokens = np.empty(int(offsets[-1]), dtype=np.int32)
         for lo in range(0, occ.size, GATHER_PIECES):
             part = occ[lo : lo + GATHER_PIECES]
             at = int(occ_ends[lo - 1]) if lo else 0
             gathered = piece_tokens[ragged_arange(piece_starts[part], lengths[part])]
             tokens[at : at + gathered.size] = gathered
+        if rows is None:
+            self.piece_ids, self.rows = [], []  # packed once; the pieces are not needed again
         return TokenSeqs(tokens, offsets)
 
 

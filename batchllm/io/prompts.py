@@ -27,6 +27,26 @@ class PromptBatch:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class PendingPrompts:
+    """Rows tokenized, their ids not yet laid out in one buffer: the caller can let go of the texts
+    first (a million-row window's texts are ~1 GB, its ids as much again)."""
+
+    encoder: PieceEncoder | None  # None: ``done`` holds the rows
+    errors: list[str | None]
+    done: PromptBatch | None = None
+
+    def pack(self) -> PromptBatch:
+        if self.encoder is None:
+            assert self.done is not None
+            return self.done
+        token_ids: list[np.ndarray | None] = list(row_views(self.encoder.pack()))
+        for i, e in enumerate(self.errors):
+            if e is not None:
+                token_ids[i] = None
+        return PromptBatch(token_ids, self.errors)
+
+
 class Prompter:
     """plain: prompt = prefix + text, tokenized with the tokenizer's defaults (its special tokens too).
     chat: the chat template renders [system: prefix (when given), user: text] plus the generation prompt
@@ -77,6 +97,15 @@ class Prompter:
     ) -> PromptBatch:
         """Token ids per row; a row without text gets its text error, one the tokenizer rejects gets that.
         ``systems``: each row's own system message (chat only; see ``render``)."""
+        return self.encode_pending(texts, text_errors, systems).pack()
+
+    def encode_pending(
+        self,
+        texts: list[str | None],
+        text_errors: list[str | None] | None = None,
+        systems: list[str | None] | None = None,
+    ) -> PendingPrompts:
+        """``encode``, less laying the ids out (``PendingPrompts.pack``), which needs no texts."""
         if text_errors is not None and len(text_errors) != len(texts):
             raise ValueError(f"{len(text_errors)} text errors for {len(texts)} texts")
         reasons = text_errors or [None] * len(texts)
@@ -93,7 +122,7 @@ class Prompter:
             own = None if systems is None else [systems[i] for i in chunk]
             for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk], own)):
                 token_ids[i], errors[i] = ids, error
-        return PromptBatch(token_ids, errors)
+        return PendingPrompts(None, errors, PromptBatch(token_ids, errors))
 
     def _piece_encoder(self) -> PieceEncoder | None:
         """The fast path (distinct pieces once, one buffer), or None: a tokenizer without a Rust backend,
@@ -114,19 +143,16 @@ class Prompter:
         texts: list[str | None],
         errors: list[str | None],
         systems: list[str | None] | None,
-    ) -> PromptBatch:
+    ) -> PendingPrompts:
         for lo in range(0, len(texts), ENCODE_BATCH_ROWS):
             self._add_chunk(encoder, lo, min(lo + ENCODE_BATCH_ROWS, len(texts)), texts, errors, systems)
-        token_ids: list[np.ndarray | None] = list(row_views(encoder.pack()))
-        for i, e in enumerate(errors):
-            if e is not None:
-                token_ids[i] = None
         rows = [i for i, t in enumerate(texts) if t is not None][:CHECK_ROWS]
-        if not self._same_as_whole(texts, token_ids, rows, systems):
+        first = list(row_views(encoder.pack(rows[-1] + 1))) if rows else []
+        if not self._same_as_whole(texts, first, [i for i in rows if errors[i] is None], systems):
             logger.warning("fast tokenization (cut=%s) changed token ids; falling back", self.cut)
             self.cut, self.fast = False, not self.cut
-            return self.encode(texts, errors, systems)
-        return PromptBatch(token_ids, errors)
+            return self.encode_pending(texts, errors, systems)
+        return PendingPrompts(encoder, errors)
 
     def _add_chunk(
         self,
