@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 
 from batchllm.errors import JobError
+from batchllm.io.line_split import backend_of, cuts_at_lines, special_ids
 from batchllm.io.messages import conversation
+from batchllm.io.piece_encoder import PieceEncoder, row_views
 
 logger = logging.getLogger(__name__)
 ENCODE_BATCH_ROWS = 4096
+CHECK_ROWS = 32  # rows per window whose cut encoding is compared with their whole prompt's
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,26 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class PendingPrompts:
+    """Rows tokenized, their ids not yet laid out in one buffer: the caller can let go of the texts
+    first (a million-row window's texts are ~1 GB, its ids as much again)."""
+
+    encoder: PieceEncoder | None  # None: ``done`` holds the rows
+    errors: list[str | None]
+    done: PromptBatch | None = None
+
+    def pack(self) -> PromptBatch:
+        if self.encoder is None:
+            assert self.done is not None
+            return self.done
+        token_ids: list[np.ndarray | None] = list(row_views(self.encoder.pack()))
+        for i, e in enumerate(self.errors):
+            if e is not None:
+                token_ids[i] = None
+        return PromptBatch(token_ids, self.errors)
 
 
 class Prompter:
@@ -41,6 +64,9 @@ class Prompter:
         self.prefix = prefix
         self.chat = chat or messages
         self.messages = messages  # texts are conversations as JSON (io.messages), rendered as they are
+        self.cut: bool | None = None  # prompts cut at line starts (decided at the first encode)
+        self.fast = True  # distinct pieces tokenized once into one buffer (io.piece_encoder)
+        self.specials: tuple[list[int], list[int]] | None = None  # ids around every plain prompt
 
     def render(self, texts: list[str], systems: list[str | None] | None = None) -> list[str]:
         """The prompt strings for these texts; with chat, ``systems`` (one per text) replace the
@@ -71,10 +97,22 @@ class Prompter:
     ) -> PromptBatch:
         """Token ids per row; a row without text gets its text error, one the tokenizer rejects gets that.
         ``systems``: each row's own system message (chat only; see ``render``)."""
+        return self.encode_pending(texts, text_errors, systems).pack()
+
+    def encode_pending(
+        self,
+        texts: list[str | None],
+        text_errors: list[str | None] | None = None,
+        systems: list[str | None] | None = None,
+    ) -> PendingPrompts:
+        """``encode``, less laying the ids out (``PendingPrompts.pack``), which needs no texts."""
         if text_errors is not None and len(text_errors) != len(texts):
             raise ValueError(f"{len(text_errors)} text errors for {len(texts)} texts")
         reasons = text_errors or [None] * len(texts)
         errors = [None if t is not None else (reason or "text is null") for t, reason in zip(texts, reasons)]
+        encoder = self._piece_encoder()
+        if encoder is not None:
+            return self._encode_pieces(encoder, texts, errors, systems)
         token_ids: list[np.ndarray | None] = [None] * len(texts)
         rows = [i for i, t in enumerate(texts) if t is not None]
         # Sub-batches bound the Python int lists the tokenizer returns (~30 bytes a token) before
@@ -84,7 +122,73 @@ class Prompter:
             own = None if systems is None else [systems[i] for i in chunk]
             for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk], own)):
                 token_ids[i], errors[i] = ids, error
-        return PromptBatch(token_ids, errors)
+        return PendingPrompts(None, errors, PromptBatch(token_ids, errors))
+
+    def _piece_encoder(self) -> PieceEncoder | None:
+        """The fast path (distinct pieces once, one buffer), or None: a tokenizer without a Rust backend,
+        or one whose fast path failed its check. Whether prompts are cut at lines is decided once."""
+        backend = backend_of(self.tokenizer) if self.fast else None
+        if backend is None:
+            return None
+        if self.cut is None:
+            self._tokenize(["probe"])  # transformers sets the backend's truncation and padding off
+            self.specials = None if self.chat else special_ids(backend)
+            self.cut = (self.chat or self.specials is not None) and cuts_at_lines(self.tokenizer)
+            logger.debug("prompts cut at line starts: %s", self.cut)
+        return PieceEncoder(backend, self.cut, not self.chat, self.specials if self.cut else None)
+
+    def _encode_pieces(
+        self,
+        encoder: PieceEncoder,
+        texts: list[str | None],
+        errors: list[str | None],
+        systems: list[str | None] | None,
+    ) -> PendingPrompts:
+        for lo in range(0, len(texts), ENCODE_BATCH_ROWS):
+            self._add_chunk(encoder, lo, min(lo + ENCODE_BATCH_ROWS, len(texts)), texts, errors, systems)
+        rows = [i for i, t in enumerate(texts) if t is not None][:CHECK_ROWS]
+        first = list(row_views(encoder.pack(rows[-1] + 1))) if rows else []
+        if not self._same_as_whole(texts, first, [i for i in rows if errors[i] is None], systems):
+            logger.warning("fast tokenization (cut=%s) changed token ids; falling back", self.cut)
+            self.cut, self.fast = False, not self.cut
+            return self.encode_pending(texts, errors, systems)
+        return PendingPrompts(encoder, errors)
+
+    def _add_chunk(
+        self,
+        encoder: PieceEncoder,
+        lo: int,
+        end: int,
+        texts: list[str | None],
+        errors: list[str | None],
+        systems: list[str | None] | None,
+    ) -> None:
+        """Rows [lo, end) into ``encoder``; a row without text is a failed row."""
+        chunk = [i for i in range(lo, end) if texts[i] is not None]
+        own = None if systems is None else [systems[i] for i in chunk]
+        try:
+            rendered = iter(self.render([texts[i] for i in chunk], own))
+            encoder.add([next(rendered) if texts[i] is not None else None for i in range(lo, end)])
+        except Exception:  # the tokenizer's error types vary; find the bad rows one by one
+            encoded = dict(zip(chunk, self._encode_all([texts[i] for i in chunk], own)))
+            for i in range(lo, end):
+                ids, errors[i] = encoded.get(i, (None, errors[i]))
+                encoder.add_failed() if ids is None else encoder.add_ids(ids)
+
+    def _same_as_whole(
+        self,
+        texts: list[str | None],
+        token_ids: list[np.ndarray | None],
+        rows: list[int],
+        systems: list[str | None] | None,
+    ) -> bool:
+        """Whether the first rows' ids equal those of their whole prompts (the per-window check)."""
+        own = None if systems is None else [systems[i] for i in rows]
+        whole = self._encode_all([texts[i] for i in rows], own)
+        return all(
+            ids is None or (token_ids[i] is not None and np.array_equal(ids, token_ids[i]))
+            for i, (ids, _) in zip(rows, whole)
+        )
 
     def _encode_all(
         self, texts: list[str], systems: list[str | None] | None = None

@@ -17,6 +17,7 @@ from batchllm.io.output_file import JSONL_SUFFIXES
 from batchllm.io.source import InputSource, check_columns, needed_columns
 from batchllm.io.writer import check_keep_columns
 
+READ_ROWS = 65536  # rows per Parquet read; a window's table holds its reads as chunks
 FORMATS_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -31,7 +32,9 @@ class ParquetSource(InputSource):
                 group += 1
             groups = list(range(group, pf.num_row_groups))
             if groups:
-                batches = pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=columns)
+                # Read in small batches: a window is their chunks, never one copy of them all.
+                read = min(rows_per_batch, READ_ROWS)
+                batches = pf.iter_batches(batch_size=read, row_groups=groups, columns=columns)
                 yield from _rebatch(batches, rows_per_batch, skip)
 
 
@@ -48,11 +51,13 @@ def _rebatch(batches: Iterator[pa.RecordBatch], size: int, skip: int) -> Iterato
         count += batch.num_rows
         while count >= size:
             table = pa.Table.from_batches(pending)
-            yield table.slice(0, size)
-            rest = table.slice(size)
+            out, rest = [table.slice(0, size)], table.slice(size)
             pending, count = rest.to_batches(), rest.num_rows
+            table = rest = batch = None  # nothing here holds the yielded rows while the caller works on them
+            yield out.pop()
     if count:
-        yield pa.Table.from_batches(pending)
+        out, pending, batch = [pa.Table.from_batches(pending)], [], None
+        yield out.pop()
 
 
 def _open_parquet(path: Path) -> tuple[int, list[str]]:

@@ -68,9 +68,10 @@ class InputSource(ABC):
         row = start
         for chunk in self._tables(rows_per_batch, start):
             is_table = isinstance(chunk, pa.Table)
-            batch = self._batch_from_table(row, chunk) if is_table else self._batch_from_rows(row, chunk)
-            yield batch
-            row += len(batch)
+            batch = [self._batch_from_table(row, chunk) if is_table else self._batch_from_rows(row, chunk)]
+            del chunk
+            row += len(batch[0])
+            yield batch.pop()  # no local holds a window's texts (GBs) while the caller works on them
 
     def _ids(self, start: int, n: int, read: pa.Array | None) -> pa.Array:
         return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
@@ -98,8 +99,12 @@ def _arrow_texts(values: pa.ChunkedArray) -> tuple[list[str | None], list[str | 
         values = pc.cast(values, values.type.value_type)
     kind = values.type
     if _is_string(kind):
-        errors: list[str | None] = [None] * len(values)
-        texts = _valid_utf8(values.combine_chunks(), "text", errors).to_pylist()
+        texts: list[str | None] = []
+        errors: list[str | None] = []
+        for chunk in values.chunks:  # chunk by chunk: no copy of the whole column (GBs in a big window)
+            chunk_errors: list[str | None] = [None] * len(chunk)
+            texts += _valid_utf8(chunk, "text", chunk_errors).to_pylist()
+            errors += chunk_errors
         return texts, [e or ("text is null" if t is None else None) for t, e in zip(texts, errors)]
     nulls = values.is_null().to_pylist()
     return [None] * len(nulls), ["text is null" if n else f"text is not a string ({kind})" for n in nulls]

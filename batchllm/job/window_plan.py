@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batchllm.config import JobSpec
+from batchllm.io.piece_encoder import packed_views
 from batchllm.job.samples import expand_samples
 from batchllm.job.scoring import Continuations
 from batchllm.job.units import PlannedRows
@@ -34,9 +35,8 @@ def plan_window(job: JobSpec, window: Window, continuations: list[Continuations]
     share = job.engine.prefix_sharing
     # Duplicates are merged only when nothing but the prompt decides a row's output.
     own = window.params is not None or job.schema_column is not None or job.scoring.column is not None
-    plan = make_plan(
-        TokenSeqs.from_lists(prompts), sharing=share, dedup=share and job.sampling.greedy and not own
-    )
+    seqs = packed_views(prompts) or TokenSeqs.from_lists(prompts)  # the window's buffer, uncopied
+    plan = make_plan(seqs, sharing=share, dedup=share and job.sampling.greedy and not own)
     conts = None if continuations is None else [continuations[i] for i in runnable.tolist()]
     planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params, conts)
     return WindowPlan(plan, planned)

@@ -102,14 +102,16 @@ def read_windows(
             e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
         ]
         own = systems(batch.start, len(batch)) if systems is not None else None
-        prompts = prompter.encode(texts, text_errors, own)
-        max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * len(batch)]
+        pending = prompter.encode_pending(texts, text_errors, own)
+        start, row_ids, keep, schemas, n = batch.start, batch.ids, batch.keep, batch.schemas, len(batch)
+        del batch, texts, own  # the texts (~1 GB at a million rows) go before the ids are laid out
+        prompts = pending.pack()
+        max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * n]
         errors = [
             err or length_error(ids, row_max_new, max_positions)
             for ids, err, row_max_new in zip(prompts.token_ids, prompts.errors, max_new)
         ]
-        keep, schemas = batch.keep, batch.schemas
-        yield Window(batch.start, batch.ids, keep, prompts.token_ids, errors, done, params, schemas)
+        yield Window(start, row_ids, keep, prompts.token_ids, errors, done, params, schemas)
 
 
 def _params(

