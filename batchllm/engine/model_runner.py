@@ -25,6 +25,7 @@ from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
+from batchllm.kernels.short_chunks import with_short_chunks
 from batchllm.scheduler.step import Step
 
 
@@ -110,6 +111,11 @@ class ModelRunner:
         meta = metadata_on_device(step.query_lens, inputs.seq_lens, groups, dev, plan)
         if groups is None and plan is None:  # a mixed step: decode rows may still share prefixes
             starts = np.append(step.group_starts, len(step.query_lens))
+            short = with_short_chunks(
+                meta, step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), self.block_size, dev
+            )
+            if short is not None:  # short chunks under shared prefixes: one-token rows (short_chunks.py)
+                return short
             split = split_mixed_step(step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), dev)
             meta = dataclasses.replace(meta, mixed_split=split)
         return meta
