@@ -83,12 +83,15 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[dev["score_rows"]])
             scored = gather_logprobs(logits, dev["score_targets"]).chosen
         if not len(inputs.logit_rows):
-            return StepOutput(Sampled(torch.empty(0, dtype=torch.long, device=self.device)), scored, spans)
+            none = torch.empty(0, dtype=torch.long, device=self.device)
+            return StepOutput(Sampled(none, scored=scored), scored, spans)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         k = self.sampling.logprobs
         raw = logits.clone() if k and mask is not None else logits  # logprobs are the model's, unmasked
         tokens = self._sample(step.sampled_seqs, logits, step.num_output, mask)
         sampled = Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
+        if scored is not None:  # read back with the tokens, in one copy
+            sampled = dataclasses.replace(sampled, scored=scored)
         return StepOutput(sampled, scored, spans)
 
     def _sample(
