@@ -15,6 +15,9 @@ Figures (issue 13's goals):
                   (goal <= 1.1)
   wall ratio    = scoring wall / 1-token generation wall (goal <= 1.3)
   compute ratio = the two runs' prefill_tokens_computed (on a CPU wall time follows it)
+  general ratio = with ``--general-path``: scoring wall with the short-chunk cascade
+                  (kernels/short_chunks.py) / scoring wall without it (every choice sequence through
+                  the general path, as before), in the same process
 Wall time is ``job.run`` from the Parquet input to the written output, model load excluded; best of
 ``--repeats`` runs taken round-robin, after one warm-up of each. Label figures taken on a shared
 machine "under load".
@@ -23,6 +26,7 @@ machine "under load".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -35,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+import batchllm.engine.model_runner as model_runner
 from batchllm.config import EngineConfig, JobSpec, SamplingParams, ScoringParams
 from batchllm.job.run import run
 from batchllm.testing.tiny import make_tiny_model
@@ -97,6 +102,20 @@ def run_once(
     }
 
 
+@contextlib.contextmanager
+def general_path_only(on: bool):
+    """With ``on``: no step runs its short chunks as one-token rows (the baseline before them)."""
+    if not on:
+        yield
+        return
+    original = model_runner.with_short_chunks
+    model_runner.with_short_chunks = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        model_runner.with_short_chunks = original
+
+
 def choice_tokens(model: Path, choices: tuple[str, ...]) -> int:
     from transformers import AutoTokenizer
 
@@ -111,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--choices", default=",".join(CHOICES), help="comma-separated, spaces kept")
+    parser.add_argument("--general-path", action="store_true", help="also score without short-chunk cascade")
     args = parser.parse_args()
     choices = tuple(args.choices.split(","))
     logging.basicConfig(level=logging.WARNING)
@@ -120,9 +140,12 @@ def main() -> None:
         workdir = Path(tmp)
         model, inp, prefix = make_inputs(workdir, args.rows)
         best: dict[str, dict] = {}
+        variants = [("generate_1", None), ("choices", choices)]
+        variants += [("choices_general_path", choices)] if args.general_path else []
         for attempt in range(args.repeats + 1):  # the first round warms up
-            for name, scored in (("generate_1", None), ("choices", choices)):
-                result = run_once(workdir, model, inp, prefix, name, scored)
+            for name, scored in variants:
+                with general_path_only(name == "choices_general_path"):
+                    result = run_once(workdir, model, inp, prefix, name, scored)
                 if attempt and (name not in best or result["seconds"] < best[name]["seconds"]):
                     best[name] = result
         own = choice_tokens(model, choices) * args.rows
@@ -138,6 +161,9 @@ def main() -> None:
         "wall_ratio": score["seconds"] / gen["seconds"],
         "compute_ratio": score["prefill_tokens_computed"] / gen["prefill_tokens_computed"],
     }
+    if args.general_path:
+        figures["choices_general_path"] = best["choices_general_path"]
+        figures["general_ratio"] = score["seconds"] / best["choices_general_path"]["seconds"]
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

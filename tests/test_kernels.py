@@ -435,3 +435,20 @@ def test_triton_backend_splits_a_mixed_step():
     expected = varlen_attention(q, *cache, meta, 0.125)
     got = TritonAttention().attend(q, cache, dataclasses.replace(meta, mixed_split=split), 0.125)
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_triton_backend_runs_short_chunks_as_one_token_rows():
+    """Short chunks under shared prefixes (kernels/short_chunks.py) through the prefix decode kernel, the
+    step's other rows through the prefill kernel: together equal to the reference."""
+    import numpy as np
+    from test_short_chunks import GROUPS, ROWS, short_meta
+
+    torch.manual_seed(6)
+    to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)  # noqa: E731
+    meta, short = short_meta(ROWS, GROUPS, 4, to_dev)
+    assert short.mixed_split is not None
+    cache = (torch.randn(300, 4, 1, 32, device=DEVICE), torch.randn(300, 4, 1, 32, device=DEVICE))
+    q = torch.randn(short.slot_mapping.shape[0], 2, 32, device=DEVICE)
+    expected = paged_attention_ref(q, cache, meta, 0.125)
+    got = TritonAttention().attend(q, cache, short, 0.125)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)

@@ -202,3 +202,18 @@ def test_choices_on_the_triton_backend(tmp_path, tiny_models, make_rows):
     table, report = score_job(tmp_path, model, texts, *flags)
     check_choices(model, table.to_pylist(), texts, [["yes", " no"]] * len(texts))
     assert report["cached_tokens"] > 0
+
+
+def test_resume_refuses_a_changed_choices_column(tmp_path, tiny_models):
+    """The input fingerprint covers the choices column's contents, not only the text column."""
+    inp, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    texts = ["the film was fine", "the food was cold"]
+    args = [inp, "--model", tiny_models["llama"], "--output", out, "--choices-column", "options"]
+    args += ["--checkpoint-rows", "1"]
+    write_rows(inp, texts, options=[["yes", "no"], ["yes", "no"]])
+    assert run_cli(*args)[0] == 0
+    assert run_cli(*args)[0] == 0  # the same input resumes (nothing left to do)
+    write_rows(inp, texts, options=[["yes", "no"], ["yes", "maybe"]])
+    code, text = run_cli(*args)
+    assert code == 2 and len(text.strip().splitlines()) == 1, text
+    assert "different job" in text and "choices or score columns differ" in text

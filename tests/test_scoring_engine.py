@@ -3,9 +3,11 @@ continuation token's log-prob, never decode. Checked against transformers' forwa
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
+import torch
 from hf_reference import hf_continuation_logprobs
 
 from batchllm.config import EngineConfig, SamplingParams
@@ -92,3 +94,29 @@ def test_score_inputs_row_errors(tokenizer_dir):
     assert "over the model's 32" in window.errors[5] and window.errors[6] == "text is null"
     assert rows[0].texts == ["yes", "no"] and all(len(ids) for ids in rows[0].ids)
     assert rows[1:] == [None] * (n - 1)
+
+
+def test_scored_logprobs_come_back_with_the_tokens_in_one_copy(monkeypatch):
+    """A scoring step's log-probs travel in the sampled tokens' read-back: one device->host copy."""
+    from batchllm.engine.logprobs import gather_logprobs
+    from batchllm.engine.sampled import Sampled
+
+    tokens, scored = torch.tensor([7, 0, 49_999]), torch.randn(5).log_softmax(0)
+    copies = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(
+        torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or original(t, *a, **k)
+    )
+    for sampled in (Sampled(tokens, scored=scored), Sampled(tokens[:0], scored=scored)):
+        host = sampled.read_all()
+        assert host.tokens == sampled.tokens.tolist() and host.logprobs is None
+        assert host.scored == scored.tolist()
+    with_logprobs = Sampled.of(tokens, gather_logprobs(torch.randn(3, 50_000), tokens, 3))
+    host = dataclasses.replace(with_logprobs, scored=scored).read_all()
+    want_tokens, want = with_logprobs.read()
+    assert host.tokens == want_tokens and host.scored == scored.tolist()
+    assert (
+        host.logprobs.top_ids.tolist() == want.top_ids.tolist()
+        and (host.logprobs.chosen == want.chosen).all()
+    )
+    assert len(copies) == 4  # one per read_all (and one for the plain read)

@@ -159,7 +159,8 @@ class Engine:
     def _retire(self, launched: Launched, on_finish: Callable[[Seq], None]) -> None:
         """Each sampled token joins its row (rows finished meanwhile drop theirs); rows that now stop
         are finished."""
-        tokens, logprobs = launched.sampled.read()  # the step's one device->host sync
+        host = launched.sampled.read_all()  # the step's one device->host sync (scored log-probs too)
+        tokens, logprobs = host.tokens, host.logprobs
         step, sched = launched.step, self.scheduler
         seqs = step.sampled_seqs
         if sched.num_finished == launched.finished and sched.batch.epoch == launched.epoch:
@@ -188,15 +189,16 @@ class Engine:
             sched.finish(seqs[i], reason)
             on_finish(seqs[i])
         if launched.step.scoring is not None:
-            self._retire_scored(launched, on_finish)
+            self._retire_scored(launched, host.scored, on_finish)
 
-    def _retire_scored(self, launched: Launched, on_finish: Callable[[Seq], None]) -> None:
+    def _retire_scored(
+        self, launched: Launched, values: list[float] | None, on_finish: Callable[[Seq], None]
+    ) -> None:
         """Scored log-probs join their SCORE sequences; one whose chunk reached its end is finished
         ("scored"): it never decodes."""
         step, output = launched.step, launched.output
         spans = output.spans if output is not None else None
         if spans is not None:
-            values = output.scored.tolist()
             self.stats.scored_tokens += len(values)
             offset = 0
             for row, first, count in zip(spans.rows.tolist(), spans.first.tolist(), spans.counts.tolist()):

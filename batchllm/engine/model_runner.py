@@ -26,6 +26,7 @@ from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
+from batchllm.kernels.short_chunks import with_short_chunks
 from batchllm.scheduler.step import Step
 
 
@@ -86,12 +87,15 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[dev["score_rows"]])
             scored = gather_logprobs(logits, dev["score_targets"]).chosen
         if not len(inputs.logit_rows):
-            return StepOutput(Sampled(torch.empty(0, dtype=torch.long, device=self.device)), scored, spans)
+            none = torch.empty(0, dtype=torch.long, device=self.device)
+            return StepOutput(Sampled(none, scored=scored), scored, spans)
         logits = self.model.compute_logits(hidden[dev["logit_rows"]])
         k = self.sampling.logprobs
         raw = logits.clone() if k and mask is not None else logits  # logprobs are the model's, unmasked
         tokens = self._sample(step, logits, mask)
         sampled = Sampled.of(tokens, gather_logprobs(raw, tokens, k)) if k else Sampled(tokens)
+        if scored is not None:  # read back with the tokens, in one copy
+            sampled = dataclasses.replace(sampled, scored=scored)
         return StepOutput(sampled, scored, spans)
 
     def _graph_forward(self, inputs, input_ids: torch.Tensor, dev: dict) -> torch.Tensor | None:
@@ -119,6 +123,11 @@ class ModelRunner:
         meta = metadata_on_device(step.query_lens, inputs.seq_lens, groups, dev, plan)
         if groups is None and plan is None:  # a mixed step: decode rows may still share prefixes
             starts = np.append(step.group_starts, len(step.query_lens))
+            short = with_short_chunks(
+                meta, step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), self.block_size, dev
+            )
+            if short is not None:  # short chunks under shared prefixes: one-token rows (short_chunks.py)
+                return short
             split = split_mixed_step(step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), dev)
             meta = dataclasses.replace(meta, mixed_split=split)
         return meta

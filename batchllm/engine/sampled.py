@@ -21,12 +21,24 @@ class StepLogprobs:
 
 
 @dataclass(frozen=True)
+class HostSampled:
+    """What ``Sampled.read_all`` brings back: the tokens, their logprobs (if asked for), the scored
+    positions' log-probs (if the step scores: the float32 values as Python floats, in ``spans`` order)."""
+
+    tokens: list[int]
+    logprobs: StepLogprobs | None
+    scored: list[float] | None
+
+
+@dataclass(frozen=True)
 class Sampled:
     """``tokens`` feed the next step on the device; ``packed`` (only with logprobs) is what is read back:
-    float64 [rows, 2 + 2k] = token id, its logprob, k alternative ids, their logprobs (ids < 2**53: exact)."""
+    float64 [rows, 2 + 2k] = token id, its logprob, k alternative ids, their logprobs (ids < 2**53: exact).
+    ``scored``: the step's scored log-probs (float32 on the device), read back in the same copy."""
 
     tokens: torch.Tensor  # int64 [rows sampled], on the device
     packed: torch.Tensor | None = None
+    scored: torch.Tensor | None = None
 
     @classmethod
     def of(cls, tokens: torch.Tensor, logprobs: TokenLogprobs | None = None) -> Sampled:
@@ -37,14 +49,26 @@ class Sampled:
 
     def read(self) -> tuple[list[int], StepLogprobs | None]:
         """The tokens (and logprobs) on the host: the step's one device->host sync."""
+        host = self.read_all()
+        return host.tokens, host.logprobs
+
+    def read_all(self) -> HostSampled:
+        """Tokens, logprobs and scored log-probs on the host, in one device->host copy."""
+        if self.packed is None and self.scored is None:
+            return HostSampled(self.tokens.tolist(), None, None)
+        rows = self.packed if self.packed is not None else self.tokens.view(-1, 1).to(torch.float64)
+        flat = rows.flatten()
+        if self.scored is not None:
+            flat = torch.cat([flat, self.scored.to(torch.float64)])
+        host = flat.cpu().numpy()
+        table = host[: rows.numel()].reshape(rows.shape)
+        scored = host[rows.numel() :].tolist() if self.scored is not None else None
+        tokens = table[:, 0].astype(np.int64).tolist()
         if self.packed is None:
-            return self.tokens.tolist(), None
-        host = self.packed.cpu().numpy()
-        k = (host.shape[1] - 2) // 2
-        tokens = host[:, 0].astype(np.int64).tolist()
-        top_ids = host[:, 2 : 2 + k].astype(np.int32)
-        top_values = host[:, 2 + k :].astype(np.float32)
-        return tokens, StepLogprobs(host[:, 1].astype(np.float32), top_ids, top_values)
+            return HostSampled(tokens, None, scored)
+        k = (table.shape[1] - 2) // 2
+        top_ids, top_values = table[:, 2 : 2 + k].astype(np.int32), table[:, 2 + k :].astype(np.float32)
+        return HostSampled(tokens, StepLogprobs(table[:, 1].astype(np.float32), top_ids, top_values), scored)
 
 
 class LogprobLog:

@@ -14,16 +14,19 @@ from pathlib import Path
 
 from batchllm.config import JobSpec
 from batchllm.errors import JobError, write_failure
-from batchllm.io.source import InputSource
+from batchllm.io.source import InputSource, RowBatch
 
 MANIFEST = "manifest.json"
 HASH_BATCH_ROWS = 65536
 
 
 def input_fingerprint(source: InputSource) -> dict:
-    """Path, size, mtime, row count and a content hash of every row's id and text."""
+    """Path, size, mtime, row count and a content hash of every row's id and text (conversation,
+    params); with other columns read (keep, choices, score), a hash of their contents too."""
     digest = hashlib.blake2b(digest_size=16)
+    columns = hashlib.blake2b(digest_size=16)
     for batch in source.iter_batches(rows_per_batch=HASH_BATCH_ROWS):
+        _hash_keep(columns, batch)
         digest.update(json.dumps(batch.ids.to_pylist(), default=str).encode())
         for text, err in zip(batch.texts, batch.text_errors):
             digest.update(b"\x01" if text is None else b"\x00" + text.encode("utf-8", "surrogatepass"))
@@ -31,13 +34,25 @@ def input_fingerprint(source: InputSource) -> dict:
         if batch.params is not None:  # rows' own settings change their outputs too
             digest.update(json.dumps(batch.params, default=str, sort_keys=True).encode())
     stat = source.path.stat()
-    return {
+    found = {
         "path": str(source.path.resolve()),
         "size": stat.st_size,
         "mtime": stat.st_mtime,
         "rows": source.num_rows,
         "content_hash": digest.hexdigest(),
     }
+    if source.keep_columns:  # recorded only then, so run directories from before still resume
+        found["columns_hash"] = columns.hexdigest()
+    return found
+
+
+def _hash_keep(digest: hashlib.blake2b, batch: RowBatch) -> None:
+    """The batch's keep columns (the choices or score column among them), column by column."""
+    if batch.keep is None:
+        return
+    for name in batch.keep.column_names:
+        digest.update(name.encode() + b"\x00")
+        digest.update(json.dumps(batch.keep.column(name).to_pylist(), default=str).encode())
 
 
 def weights_fingerprint(model_path: Path, load_format: str) -> str:
@@ -159,6 +174,8 @@ def _diff(old: dict, new: dict) -> list[str]:
     oi, ni = old["input"], new["input"]
     if oi["rows"] != ni["rows"] or oi["content_hash"] != ni["content_hash"]:
         changes.append(f"input changed: {oi['rows']} rows then, {ni['rows']} rows now, content differs")
+    elif "columns_hash" in oi and oi["columns_hash"] != ni.get("columns_hash"):
+        changes.append("input changed: the contents of its keep, choices or score columns differ")
     elif oi["path"] != ni["path"]:
         changes.append(f"input path changed from {oi['path']} to {ni['path']}")
     for key in sorted(set(old["settings"]) | set(new["settings"])):
