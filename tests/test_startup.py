@@ -120,6 +120,8 @@ def test_a_run_loads_config_and_tokenizer_without_transformers(tiny_models):
         "from batchllm.model.tokenizer import load_tokenizer;"
         f"p = __import__('pathlib').Path({str(tiny_models['llama'])!r}); load_model_config(p);"
         "t = load_tokenizer(p); t.decode(t('hello world')['input_ids']);"
+        "from batchllm.io.prompts import Prompter;"
+        "Prompter(t, 'Do this.\\nNow:', False).encode(['first row', 'second\\nrow']);"
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

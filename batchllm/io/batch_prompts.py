@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from batchllm.io.prompts import PromptBatch, Prompter
+from batchllm.io.prompts import PendingPrompts, PromptBatch, Prompter
 from batchllm.io.source import InputSource
 
 
@@ -26,17 +26,17 @@ class BatchPrompter(Prompter):
     """Conversations through the chat template; plain prompts (JSON strings) without it."""
 
     def __init__(self, tokenizer: Any, prefix: str | None, chat: bool, messages: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.prefix, self.chat, self.messages = prefix, True, True
+        super().__init__(tokenizer, prefix, False)  # a model without a template fails its chat rows only
+        self.chat, self.messages = True, True
         self._plain = Prompter(tokenizer, None, False)
         self._has_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def encode(
+    def encode_pending(
         self,
         texts: list[str | None],
         text_errors: list[str | None] | None = None,
         systems: list[str | None] | None = None,
-    ) -> PromptBatch:
+    ) -> PendingPrompts:
         errors = list(text_errors or [None] * len(texts))
         plain = [i for i, t in enumerate(texts) if is_plain(t)]
         chat = [i for i, t in enumerate(texts) if t is not None and not is_plain(t)]
@@ -55,10 +55,10 @@ class BatchPrompter(Prompter):
         for i, t in enumerate(texts):
             if t is None or (token_ids[i] is None and errors[i] is None):
                 errors[i] = errors[i] or "text is null"
-        return PromptBatch(token_ids, errors)
+        return PendingPrompts(None, errors, PromptBatch(token_ids, errors))
 
     def _encode_plain(self, texts: list[str], systems: list[str | None] | None) -> PromptBatch:
         return self._plain.encode([json.loads(t) for t in texts])
 
     def _encode_chat(self, texts: list[str], systems: list[str | None] | None) -> PromptBatch:
-        return super().encode(texts, None, systems)
+        return super().encode_pending(texts, None, systems).pack()

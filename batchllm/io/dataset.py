@@ -20,8 +20,7 @@ import pyarrow.compute as pc
 
 from batchllm.errors import JobError
 from batchllm.io.output_file import OutputPart, is_jsonl
-from batchllm.io.row_batches import concat_batches, split_batch
-from batchllm.io.source import InputSource, RowBatch
+from batchllm.io.source import InputSource, RowBatch, rebatch
 
 OpenFile = Callable[[Path, str | None, tuple[str, ...]], InputSource]  # (path, id column, keep) -> source
 
@@ -48,17 +47,7 @@ class DatasetSource(InputSource):
             raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
         if not 0 <= start <= self.num_rows:
             raise ValueError(f"start must be in [0, {self.num_rows}], got {start}")
-        pending: list[RowBatch] = []
-        count = 0
-        for batch in self._file_batches(rows_per_batch, start):
-            pending.append(batch)
-            count += len(batch)
-            while count >= rows_per_batch:
-                head, tail = split_batch(concat_batches(pending), rows_per_batch)
-                yield head
-                pending, count = ([tail], len(tail)) if len(tail) else ([], 0)
-        if pending:
-            yield concat_batches(pending)
+        yield from rebatch(self._file_batches(rows_per_batch, start), rows_per_batch)
 
     def _file_batches(self, rows_per_batch: int, start: int) -> Iterator[RowBatch]:
         for f in self.files:
@@ -80,7 +69,7 @@ class DatasetSource(InputSource):
             arrays = [self._column(f, batch, k, batch.keep.column(k) if k in read else None)
                       for k in self.keep_columns]  # fmt: skip
             keep = pa.table(dict(zip(self.keep_columns, arrays)))
-        return RowBatch(start, ids, batch.texts, batch.text_errors, keep, batch.params)
+        return RowBatch(start, ids, batch.texts, batch.text_errors, keep, batch.params, batch.schemas)
 
     def _column(self, f: DatasetFile, batch: RowBatch, name: str, read: pa.Array | None) -> pa.Array:
         kind = self.types[name]

@@ -43,10 +43,11 @@ def cut_lines(prompt: str) -> list[str]:
 
 
 def backend_of(tokenizer: Any) -> Any | None:
-    """The Rust ``tokenizers.Tokenizer`` behind a transformers fast tokenizer, or None."""
+    """The Rust ``tokenizers.Tokenizer`` behind a fast tokenizer (transformers' or ``model.fast_tokenizer``),
+    or None."""
     from tokenizers import Tokenizer
 
-    backend = getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend if isinstance(backend, Tokenizer) else None
 
 
@@ -55,7 +56,7 @@ def cuts_at_lines(tokenizer: Any) -> bool:
     backend = backend_of(tokenizer)
     if backend is None:
         return False
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    added = backend.get_added_tokens_decoder().values()
     if any("\n" in t.content or t.lstrip for t in added):
         return False
     spec = json.loads(backend.to_str())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import pyarrow.compute as pc
 
 from batchllm.errors import JobError
 from batchllm.io.messages import arrow_conversations, python_conversation
+
+CONVERT_ROWS = 65536  # rows read and converted at a time; windows are joined from such parts
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,54 @@ class RowBatch:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @staticmethod
+    def concat(batches: list[RowBatch]) -> RowBatch:
+        """Consecutive batches (each starting where the one before ended) as one."""
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        keep = None if first.keep is None else pa.concat_tables([b.keep for b in batches])
+        return RowBatch(
+            first.start,
+            pa.concat_arrays([_array(b.ids) for b in batches]),
+            list(chain.from_iterable(b.texts for b in batches)),  # C speed: copies pointers only
+            list(chain.from_iterable(b.text_errors for b in batches)),
+            keep,
+            None if first.params is None else list(chain.from_iterable(b.params for b in batches)),
+            None if first.schemas is None else list(chain.from_iterable(b.schemas for b in batches)),
+        )
+
+    def split(self, rows: int) -> tuple[RowBatch, RowBatch]:
+        """(the first ``rows`` rows, the rest)."""
+        return self._rows(0, rows), self._rows(rows, len(self))
+
+    def _rows(self, lo: int, hi: int) -> RowBatch:
+        return RowBatch(
+            self.start + lo, self.ids.slice(lo, hi - lo), self.texts[lo:hi], self.text_errors[lo:hi],
+            None if self.keep is None else self.keep.slice(lo, hi - lo),
+            None if self.params is None else self.params[lo:hi],
+            None if self.schemas is None else self.schemas[lo:hi],
+        )  # fmt: skip
+
+
+def rebatch(parts: Iterator[RowBatch], size: int) -> Iterator[RowBatch]:
+    """Consecutive batches joined and cut into batches of exactly ``size`` rows (the last may be short).
+    Nothing here holds a yielded batch while the caller works on it."""
+    pending: list[RowBatch] = []
+    count = 0
+    for part in parts:
+        pending.append(part)
+        count += len(part)
+        del part
+        while count >= size:
+            out = list(RowBatch.concat(pending).split(size))
+            pending, count = ([out[1]], len(out[1])) if len(out[1]) else ([], 0)
+            del out[1]
+            yield out.pop()
+    if pending:
+        out, pending = [RowBatch.concat(pending)], []
+        yield out.pop()
 
 
 @dataclass(frozen=True)
@@ -65,13 +116,18 @@ class InputSource(ABC):
             raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
         if not 0 <= start <= self.num_rows:
             raise ValueError(f"start must be in [0, {self.num_rows}], got {start}")
-        row = start
-        for chunk in self._tables(rows_per_batch, start):
-            is_table = isinstance(chunk, pa.Table)
-            batch = [self._batch_from_table(row, chunk) if is_table else self._batch_from_rows(row, chunk)]
+        yield from rebatch(self._converted(min(rows_per_batch, CONVERT_ROWS), start), rows_per_batch)
+
+    def _converted(self, rows: int, start: int) -> Iterator[RowBatch]:
+        """The input as RowBatches of ``rows`` rows: each read chunk is converted to Python (texts)
+        and let go before the next is read, so a window never holds its texts twice (Arrow and
+        Python: GBs at a million rows)."""
+        for chunk in self._tables(rows, start):
+            convert = self._batch_from_table if isinstance(chunk, pa.Table) else self._batch_from_rows
+            batch = [convert(start, chunk)]
             del chunk
-            row += len(batch[0])
-            yield batch.pop()  # no local holds a window's texts (GBs) while the caller works on them
+            start += len(batch[0])
+            yield batch.pop()
 
     def _ids(self, start: int, n: int, read: pa.Array | None) -> pa.Array:
         return read if self.id_column else pa.array(np.arange(start, start + n, dtype=np.int64))
@@ -165,3 +221,7 @@ def check_columns(
     for role, name in [("text", column), ("id", id_column), *(("keep", k) for k in keep)]:
         if name is not None and name not in columns:
             raise JobError(f"{role} column {name!r} not found in {path}; columns there: {existing}")
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
