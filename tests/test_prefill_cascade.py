@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchllm.kernels import kv_gather
+from batchllm.kernels import kv_gather, torch_prefill_cascade
 from batchllm.kernels.decode_part import split_mixed_step
 from batchllm.kernels.metadata import build_metadata
 from batchllm.kernels.reference import paged_attention_ref
@@ -31,6 +31,12 @@ ROWS = [
     ([30, 31], 11, 5), ([30, 31], 9, 3),
 ]  # fmt: skip
 GROUPS = (np.array([0, 3, 4, 5, 8, 10]), np.array([3, 0, 0, 2, 2]))
+
+
+@pytest.fixture(autouse=True)
+def _every_group_pays(monkeypatch):
+    """The tiny groups here would stay on the general path under the default threshold."""
+    monkeypatch.setattr(torch_prefill_cascade, "MIN_SHARED_READS", 0)
 
 
 def _step(rows=ROWS, groups=GROUPS):
@@ -115,3 +121,40 @@ def test_mixed_step_rest_part_uses_the_prefill_cascade():
     q, cache = _inputs(meta, 2, 4)
     got = TorchAttention().attend(q, cache, dataclasses.replace(meta, mixed_split=split), 0.3)
     torch.testing.assert_close(got, paged_attention_ref(q, cache, meta, 0.3))
+
+
+def test_small_groups_and_groups_past_the_cap_keep_the_general_path(monkeypatch):
+    """Groups whose rows would re-read few shared positions are not worth their per-layer ops; past
+    MAX_GROUPS, the groups that save most are kept."""
+    meta = _step()  # saved reads: group 0: 2 * 12, group 3: 2 * 8, group 4: 1 * 4
+    monkeypatch.setattr(torch_prefill_cascade, "MIN_SHARED_READS", 16)
+    assert prefill_cascade_plan(meta, BS).other_rows == (3, 4, 8, 9)
+    monkeypatch.setattr(torch_prefill_cascade, "MIN_SHARED_READS", 0)
+    monkeypatch.setattr(torch_prefill_cascade, "MAX_GROUPS", 1)
+    plan = prefill_cascade_plan(_step(), BS)
+    assert plan.other_rows == (3, 4, 5, 6, 7, 8, 9) and len(plan.groups) == 1
+    q, cache = _inputs(meta, 2, 4)
+    expected = paged_attention_ref(q, cache, meta, 0.3)
+    torch.testing.assert_close(TorchAttention().attend(q, cache, _step(), 0.3), expected)
+    monkeypatch.setattr(torch_prefill_cascade, "MIN_SHARED_READS", 10**6)
+    assert prefill_cascade_plan(_step(), BS) is None
+
+
+def test_run_through_the_prefill_cascade_matches_transformers(tmp_path, tiny_models, make_rows, monkeypatch):
+    """End to end, in process: a run whose prefill steps take the cascade gives transformers' tokens."""
+    from test_run import expected, got, run_job
+
+    calls = []
+    monkeypatch.setattr(torch_prefill_cascade, "_plan", _counted(torch_prefill_cascade._plan, calls))
+    texts = make_rows(num_groups=2, rows_per_group=4, duplicates=0, seed=3)
+    rows, _ = run_job(tmp_path, tiny_models["llama"], texts, "--max-new-tokens", "4")
+    assert any(plan is not None for plan in calls)
+    assert got(rows) == expected(tiny_models["llama"], texts, 4)
+
+
+def _counted(fn, calls: list):
+    def wrapper(*args):
+        calls.append(fn(*args))
+        return calls[-1]
+
+    return wrapper

@@ -25,6 +25,13 @@ from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_cascade import attention_state
 from batchllm.kernels.torch_merge import merge_attention_states
 
+# A group pays for its own few ops per layer (gather, attention, merge) only when its rows would
+# otherwise re-read enough shared positions: (rows - 1) * shared positions of at least this.
+MIN_SHARED_READS = 1024
+# A step with more groups than this (many small ones: choices under a prompt) cascades the groups
+# that save most and leaves the others on the general path, so the loop over groups stays short.
+MAX_GROUPS = 16
+
 
 @dataclass(frozen=True)
 class _Group:
@@ -89,11 +96,13 @@ def _plan(meta: AttentionMetadata, block_size: int) -> PrefillCascade | None:
         lo, hi = int(starts[g]), int(starts[g + 1])
         # Only blocks before every row's first new token: those tokens see the whole prefix.
         blocks = min(int(shared[g]), int(context[lo:hi].min()) // block_size)
-        if blocks > 0:
-            row_shared[lo:hi] = blocks
+        if (hi - lo - 1) * blocks * block_size >= max(MIN_SHARED_READS, 1):
             kept.append((lo, hi, blocks))
+    kept = sorted(sorted(kept, key=lambda g: -(g[1] - g[0] - 1) * g[2])[:MAX_GROUPS])
     if not kept:
         return None
+    for lo, hi, blocks in kept:
+        row_shared[lo:hi] = blocks
     table = meta.block_tables
     cascade = np.flatnonzero(row_shared)
     return PrefillCascade(
