@@ -27,7 +27,7 @@ from batchllm.kernels.torch_merge import merge_attention_states
 
 # A group pays for its own few ops per layer (gather, attention, merge) only when its rows would
 # otherwise re-read enough shared positions: (rows - 1) * shared positions of at least this.
-MIN_SHARED_READS = 1024
+MIN_SHARED_READS = 512
 # A step with more groups than this (many small ones: choices under a prompt) cascades the groups
 # that save most and leaves the others on the general path, so the loop over groups stays short.
 MAX_GROUPS = 16
