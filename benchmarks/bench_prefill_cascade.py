@@ -4,11 +4,16 @@ shared prefix once; each row its own tokens; merged by log-sum-exp).
 
     python benchmarks/bench_prefill_cascade.py                     # rows x own tokens under 2,000
     python benchmarks/bench_prefill_cascade.py --threads 2 --prefix 2000 --shapes 4x130 16x130
+    python benchmarks/bench_prefill_cascade.py --threads 2 --end-to-end    # whole runs, cascade on/off
 
 Shape: bench_cpu's model (6 heads, 2 KV heads, head_dim 64), float32, block 16; all rows of a step
 are one group under a ``--prefix``-token instruction and prefill ``own`` tokens each (first chunk).
 Reports ms per layer call (best of ``--repeats``), the ratio, and the largest difference between the
 two outputs. Absolute times mean little on a shared machine; compare the ratio.
+
+``--end-to-end``: bench_cpu's batchllm run (its model; prefix sharing on) on issue #17's shape, one
+``--prefix``-token instruction over 64 rows of ~130 own tokens, 4 new tokens each, timed round-robin
+with the cascade on and off (off: no group reaches ``MIN_SHARED_READS``); outputs must agree.
 """
 
 from __future__ import annotations
@@ -69,15 +74,46 @@ def measure(rows: int, own: int, prefix: int, repeats: int) -> dict[str, float]:
     return {"before_ms": before, "after_ms": after, "speedup": before / after, "max_diff": float(diff)}
 
 
+def end_to_end(prefix: int, repeats: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import bench_cpu as cpu
+    from transformers import AutoTokenizer
+
+    cpu.GROUPS, cpu.ROWS_PER_GROUP, cpu.NEW_TOKENS = 1, 64, 4
+    cpu.PREFIX_TOKENS, cpu.GROUP_TOKENS, cpu.ROW_TOKENS = prefix, 10, 130
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model_dir = cpu.make_model(workdir)
+        work = cpu.make_workload(AutoTokenizer.from_pretrained(model_dir))
+        best: dict[str, object] = {}
+        for rep in range(repeats + 1):  # the first round warms up
+            for name, reads in (("general", 10**12), ("cascade", 0)):
+                torch_prefill_cascade.MIN_SHARED_READS = reads
+                run = cpu.run_batchllm(model_dir, work, workdir, True, f"{name}{rep}")
+                if rep and (name not in best or run.seconds < best[name].seconds):
+                    best[name] = run
+    general, cascade = best["general"], best["cascade"]
+    assert general.outputs == cascade.outputs, "the cascade changed a greedy output"
+    print("| run | best s | prompt steps s |\n|---|---|---|")
+    for name, run in best.items():
+        print(f"| {name} | {run.seconds:.2f} | {run.phases.get('prompt_steps', float('nan')):.2f} |")
+    print(f"speedup {general.seconds / cascade.seconds:.2f}x, same outputs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--prefix", type=int, default=2000, help="shared prefix tokens")
     parser.add_argument("--shapes", nargs="+", default=["2x130", "4x130", "8x130", "16x130", "64x130"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--end-to-end", action="store_true", help="whole runs (bench_cpu's), cascade on/off")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.end_to_end:
+        return end_to_end(args.prefix, args.repeats)
     torch_prefill_cascade.MIN_SHARED_READS = 0  # time the cascade on every shape, even where a run would not
     print(f"prefix {args.prefix} tokens, block {BLOCK}, {HEADS} heads / {KV_HEADS} KV x {HEAD_DIM}, float32")
     print("| rows x own tokens | general ms | cascade ms | speedup | max diff |")
