@@ -27,6 +27,7 @@ import logging
 import os
 import pstats
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -290,6 +291,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="cProfile one more batchllm run")
     parser.add_argument("--skip-hf", action="store_true", help="time batchllm's settings only")
+    parser.add_argument(
+        "--whole-process", action="store_true", help="also time `batchllm run` as a whole process"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -316,8 +320,34 @@ def main() -> None:
             systems["transformers generate_batch()"] = lambda w, t: run_hf_generate_batch(model, tok, w)
         runs = measure(systems, work, args.repeats)
         report(runs, work, tok, model.num_parameters(), args)
+        if args.whole_process:
+            whole_process(model_dir, work, workdir, runs, args.repeats)
         if args.profile:
             profile_batchllm(model_dir, work, workdir)
+
+
+def whole_process(model_dir: Path, work: Workload, workdir: Path, runs: dict[str, Run], repeats: int) -> None:
+    """``batchllm run`` as its own process, Python start-up, imports and model load included (the
+    in-process figures above exclude the load), against the in-process transformers figures."""
+    src, prefix = workdir / "whole.parquet", workdir / "prefix.txt"
+    pq.write_table(pa.table({"id": pa.array(range(len(work.texts))), "text": work.texts}), src)
+    prefix.write_text(work.prefix)
+    command = [
+        sys.executable, "-m", "batchllm", "run", str(src), "--model", str(model_dir), "--prefix", str(prefix),
+        "--id-column", "id", "--max-new-tokens", str(NEW_TOKENS), "--ignore-eos", "--device", "cpu",
+        "--dtype", "float32", "--quiet", "--fresh", "--output", str(workdir / "whole.out.parquet"),
+    ]  # fmt: skip
+    best = min(_timed(command) for _ in range(repeats))
+    print(f"\nbatchllm run, whole process (best of {repeats}): {best:.2f} s")
+    for name, run in runs.items():
+        if name.startswith("transformers"):
+            print(f"  {name} (in process, load excluded) / whole process: {run.seconds / best:.2f}x")
+
+
+def _timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    return time.perf_counter() - start
 
 
 def report(runs: dict[str, Run], work: Workload, tok, params: int, args: argparse.Namespace) -> None:

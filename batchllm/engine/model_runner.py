@@ -25,7 +25,7 @@ from batchllm.engine.token_mask import apply_mask
 from batchllm.kernels.backend import AttentionBackend, KVCache
 from batchllm.kernels.chunk_plan import build_chunk_plan
 from batchllm.kernels.decode_part import split_mixed_step
-from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
+from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device, prefill_groups
 from batchllm.kernels.short_chunks import with_short_chunks
 from batchllm.scheduler.step import Step
 
@@ -129,7 +129,9 @@ class ModelRunner:
             if short is not None:  # short chunks under shared prefixes: one-token rows (short_chunks.py)
                 return short
             split = split_mixed_step(step.query_lens, inputs.seq_lens, (starts, step.shared_blocks), dev)
-            meta = dataclasses.replace(meta, mixed_split=split)
+            # Rows prefilling under a shared prefix: the torch backend reads it once per group.
+            prefill = prefill_groups(starts, step.shared_blocks)
+            meta = dataclasses.replace(meta, mixed_split=split, prefill_groups=prefill)
         return meta
 
     def _chunk_plan(self, step: Step, inputs):

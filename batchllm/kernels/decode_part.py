@@ -15,13 +15,14 @@ from the step's device tensors (no host sync).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device
+from batchllm.kernels.metadata import AttentionMetadata, metadata_on_device, prefill_groups
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ def split_mixed_step(
     dec_tokens = torch.from_numpy(qsl[dec]).to(device)
     rest_tok = torch.from_numpy(rest_tokens).to(device)
     decode = _part(dev, dec, dec_tokens, query_lens, seq_lens, sub_groups)
-    return MixedSplit(dec_tokens, decode, rest_tok, _part(dev, rest, rest_tok, query_lens, seq_lens, None))
+    rest_meta = _part(dev, rest, rest_tok, query_lens, seq_lens, None)
+    rest_starts = np.searchsorted(rest, starts)  # the prefill rows' groups, for the prefill cascade
+    rest_meta = dataclasses.replace(rest_meta, prefill_groups=prefill_groups(rest_starts, shared))
+    return MixedSplit(dec_tokens, decode, rest_tok, rest_meta)
 
 
 def _part(

@@ -15,6 +15,7 @@ The KV cache of one layer is a pair ``(k_cache, v_cache)``, each
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,31 @@ class DecodeGroups:
 
 
 @dataclass(frozen=True)
+class PrefillGroups:
+    """Runs of a prefill (or mixed) step's rows under one parent, as host arrays: rows
+    ``starts[g]:starts[g+1]`` share their first ``shared_blocks[g]`` block-table entries (full
+    blocks). The torch backend's prefill cascade (``torch_prefill_cascade.py``) plans from them."""
+
+    starts: tuple[int, ...]  # [num_groups + 1] over sequences, the last is num_seqs
+    shared_blocks: tuple[int, ...]  # [num_groups]
+    _per_step: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def once(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``'s result, computed the first time ``key`` is asked for in this step."""
+        if key not in self._per_step:
+            self._per_step[key] = build()
+        return self._per_step[key]
+
+
+def prefill_groups(starts: np.ndarray, shared: np.ndarray) -> PrefillGroups | None:
+    """``starts`` [groups + 1] (num_seqs last), ``shared`` [groups]; None when no two rows share a
+    block (nothing for a cascade to gain)."""
+    if not np.any((np.diff(starts) >= 2) & (shared > 0)):
+        return None
+    return PrefillGroups(tuple(int(s) for s in starts), tuple(int(b) for b in shared))
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative new-token counts
     seq_lens: torch.Tensor  # [num_seqs] int32, cached + new tokens
@@ -80,6 +106,7 @@ class AttentionMetadata:
     chunk_plan: ChunkPlan | None = None  # batch-invariant attention's plan (torch, deterministic)
     mixed_split: MixedSplit | None = None  # mixed steps: decode rows apart, for cascade (decode_part.py)
     num_splits: int | None = None  # prefix decode's KV splits, fixed per CUDA-graph bucket (None: auto)
+    prefill_groups: PrefillGroups | None = None  # steps with a chunk longer than one token (torch)
 
     @property
     def num_seqs(self) -> int:
@@ -102,7 +129,8 @@ def build_metadata(
     chunk_plan: bool = False,
 ) -> AttentionMetadata:
     """The step's metadata from plain host arrays (``to_device`` moves each one). Decode groups are
-    kept only in one-token steps (the kernels' cascade path); the chunk plan uses them in every step."""
+    kept only in one-token steps (the kernels' cascade path), prefill groups in the others; the chunk
+    plan uses them in every step."""
     qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=qsl[1:])
     starts, shared = groups
@@ -115,7 +143,10 @@ def build_metadata(
     if chunk_plan:
         plan = build_chunk_plan(query_lens, seq_lens, block_tables, starts, shared, block_size, to_device)
     dev = {name: to_device(a) for name, a in host.items()}
-    return metadata_on_device(query_lens, seq_lens, groups if one_token_each else None, dev, plan)
+    meta = metadata_on_device(query_lens, seq_lens, groups if one_token_each else None, dev, plan)
+    if one_token_each:
+        return meta
+    return dataclasses.replace(meta, prefill_groups=prefill_groups(starts, shared))
 
 
 def metadata_on_device(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from batchllm.kernels.kv_gather import KVGather, row_chunks
 from batchllm.kernels.metadata import AttentionMetadata
 from batchllm.kernels.torch_cascade import cascade_decode_attention
 from batchllm.kernels.torch_chunked import chunked_attention
+from batchllm.kernels.torch_prefill_cascade import prefill_cascade_attention, prefill_cascade_plan
 
 
 class TorchAttention:
@@ -75,7 +77,13 @@ class TorchAttention:
             return cascade_decode_attention(q, k_cache, v_cache, meta, scale, self.gather)
         if meta.one_token_each:
             return decode_attention(q, k_cache, v_cache, meta, scale, window, self.gather)
-        return varlen_attention(q, k_cache, v_cache, meta, scale, window, self.gather)
+        plan = prefill_cascade_plan(meta, k_cache.shape[1]) if window is None else None
+        if plan is None:
+            return varlen_attention(q, k_cache, v_cache, meta, scale, window, self.gather)
+        # Rows prefilling under a shared prefix read it once per group; the others as before.
+        out = varlen_attention(q, k_cache, v_cache, meta, scale, None, self.gather, plan.other_rows)
+        prefill_cascade_attention(q, k_cache, v_cache, plan, scale, self.gather, out)
+        return out
 
 
 def store_kv(
@@ -98,14 +106,15 @@ def varlen_attention(
     scale: float,
     window: int | None = None,
     gather: KVGather | None = None,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """General path (prefill, chunked prefill, mixed batches). Sequences are bucketed by query length
     (powers of two), so padding stays small when decode rows share a step with long prefill chunks;
-    each bucket is one padded, masked SDPA."""
+    each bucket is one padded, masked SDPA. ``rows``: only these sequences' tokens are written."""
     out, gather = torch.empty_like(q), gather or KVGather()
     buckets: dict[int, list[int]] = {}
-    for i, query_len in enumerate(meta.query_lens_cpu):
-        buckets.setdefault(max(query_len - 1, 0).bit_length(), []).append(i)
+    for i in range(meta.num_seqs) if rows is None else rows:
+        buckets.setdefault(max(meta.query_lens_cpu[i] - 1, 0).bit_length(), []).append(i)
     starts = [0, *itertools.accumulate(meta.query_lens_cpu)]
     for seqs in buckets.values():
         tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(q.device)
