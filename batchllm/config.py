@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import SettingError
+from batchllm.setting_checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_str,
+    check_strings,
+    parse_memory,
+)
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,10 @@ class EngineConfig:
     cuda_graph_max_batch: int = 512  # rows of the largest graph bucket; bigger steps run eagerly
 
     def __post_init__(self) -> None:
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice("attention-backend", self.attention_backend, ("auto", "torch", "triton"))
-        _check_choice("load-format", self.load_format, ("auto", "dummy"))
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choice("attention-backend", self.attention_backend, ("auto", "torch", "triton"))
+        check_choice("load-format", self.load_format, ("auto", "dummy"))
         if check_int("block-size", self.block_size, minimum=1) & (self.block_size - 1):
             raise SettingError("block-size", f"must be a power of two, got {self.block_size}")
         check_int("token-budget", self.token_budget, minimum=1)
@@ -95,7 +103,7 @@ class ScoringParams:
             if choice in seen:
                 raise SettingError("choices", f"names {choice!r} twice; list each choice once")
             seen.add(choice)
-        _check_choice("choice-score", self.choice_score, ("sum", "mean"))
+        check_choice("choice-score", self.choice_score, ("sum", "mean"))
         for name in ("choices-column", "score-column"):
             value = getattr(self, name.replace("-", "_"))
             if value is not None and not check_str(name, value):
@@ -165,7 +173,7 @@ class JobSpec:
         if self.ray_address is not None and not check_str("ray-address", self.ray_address).strip():
             raise SettingError("ray-address", "must not be empty")
         if self.format is not None:
-            _check_choice("format", self.format, ("parquet", "jsonl", "openai"))
+            check_choice("format", self.format, ("parquet", "jsonl", "openai"))
         self._check_columns()
         self._check_scoring()
         check_bool("chat", self.chat)
@@ -221,72 +229,6 @@ class JobSpec:
         column = self.scoring.column
         if column is not None and column in (self.column, self.id_column):
             raise SettingError(flag, f"column {column!r} is also the text or id column")
-
-
-def check_int(name: str, value: object, minimum: int | None = None, note: str = "") -> int:
-    """``value`` if it is an integer (``True`` and ``8.0`` are not) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SettingError(name, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SettingError(name, f"must be >= {minimum}{note}, got {value}")
-    return value
-
-
-def check_number(name: str, value: object) -> float:
-    """``value`` if it is a finite int or float (not a bool, nan or inf)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SettingError(name, f"must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise SettingError(name, f"must be a finite number, got {value}")
-    return value
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise SettingError(name, f"must be true or false, got {value!r}")
-    return value
-
-
-def check_str(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise SettingError(name, f"must be a string, got {value!r}")
-    return value
-
-
-def check_strings(name: str, values: tuple) -> tuple[str, ...]:
-    if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
-        raise SettingError(name, f"must be strings, got {values!r}")
-    return values
-
-
-def parse_memory(text: str) -> float:
-    """Bytes for "4GB" / "512MB"; a fraction in (0, 1] for "0.9" (of free GPU memory)."""
-    t = check_str("kv-cache-memory", text).strip().upper()
-    units = {"GB": 1 << 30, "GIB": 1 << 30, "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "M": 1 << 20}
-    for unit, scale in units.items():
-        if t.endswith(unit):
-            try:
-                value = float(t[: -len(unit)])
-            except ValueError:
-                break
-            if not 0 < value < math.inf:  # nan and inf fail this too
-                break
-            return value * scale
-    else:
-        try:
-            value = float(t)
-        except ValueError:
-            value = -1.0
-        if 0 < value <= 1:
-            return value
-    raise SettingError(
-        "kv-cache-memory", f"must look like '4GB', '512MB' or a fraction like '0.9', got {text!r}"
-    )
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise SettingError(name, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 BYTES_PER_WINDOW_ROW = 16 << 10  # text, token ids and plan of one ~1k-token row, with headroom
