@@ -262,3 +262,23 @@ def test_workers_without_ray_say_how_to_install_it(job, monkeypatch):
         run(spec)
     code, out = cli(job, "no_ray", "--workers", "2")
     assert code == 2 and "need Ray: pip install" in out
+
+
+# Here, not in test_structured_output.py: Ray tests share one test process (the README's -n 2 runs
+# each file in one process; two Ray clusters at once on two cores take minutes).
+def test_ray_workers_compile_their_own_grammars(tmp_path, tiny_models):
+    pytest.importorskip("ray")
+    import jsonschema
+    from test_structured_output import SCHEMA, TEXTS, constrained
+
+    small = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}
+    small["additionalProperties"] = False
+    schemas = [json.dumps(SCHEMA), json.dumps(small)] * 2
+    flags = ("--schema-column", "schema", "--workers", "2", "--temperature", "0.8")
+    code, text, rows, report = constrained(
+        tmp_path, tiny_models["qwen3"], *flags, texts=TEXTS[:4], schema=schemas
+    )
+    assert code == 0, text
+    for row, schema in zip(rows, schemas):
+        jsonschema.validate(json.loads(row["output"]), json.loads(schema))
+    assert report["constrained_rows"] == 4 and len(report["workers"]) == 2

@@ -238,18 +238,3 @@ def test_stop_strings_still_end_constrained_rows(tmp_path, tiny_models):
 def test_a_missing_schema_column_is_a_job_error(tmp_path, tiny_models):
     code, text, _, _ = constrained(tmp_path, tiny_models["llama"], "--schema-column", "nope")
     assert code == 2 and "schema column 'nope' not found" in text, text
-
-
-def test_ray_workers_compile_their_own_grammars(tmp_path, tiny_models):
-    pytest.importorskip("ray")
-    small = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}
-    small["additionalProperties"] = False
-    schemas = [json.dumps(SCHEMA), json.dumps(small)] * 2
-    flags = ("--schema-column", "schema", "--workers", "2", "--temperature", "0.8")
-    code, text, rows, report = constrained(
-        tmp_path, tiny_models["qwen3"], *flags, texts=TEXTS[:4], schema=schemas
-    )
-    assert code == 0, text
-    for row, schema in zip(rows, schemas):
-        jsonschema.validate(json.loads(row["output"]), json.loads(schema))
-    assert report["constrained_rows"] == 4 and len(report["workers"]) == 2
