@@ -5,11 +5,11 @@ whole context: the general path and the plain reference."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
 import torch
+from paged_rows import paged_rows
 
 from batchllm.kernels import kv_gather, torch_prefill_cascade
 from batchllm.kernels.decode_part import split_mixed_step
@@ -40,16 +40,8 @@ def _every_group_pays(monkeypatch):
 
 
 def _step(rows=ROWS, groups=GROUPS):
-    tables, nxt, slots = np.zeros((len(rows), 10), dtype=np.int32), 100, []
-    for i, (ids, seq_len, q) in enumerate(rows):
-        table = list(ids) + list(range(nxt, nxt + math.ceil(seq_len / BS) - len(ids)))
-        nxt += len(table) - len(ids)
-        tables[i, : len(table)] = table
-        pos = np.arange(seq_len - q, seq_len)
-        slots.append(tables[i, pos // BS].astype(np.int64) * BS + pos % BS)
-    q_lens = np.array([q for *_, q in rows])
-    seq_lens = np.array([s for _, s, _ in rows])
-    return build_metadata(q_lens, seq_lens, tables, np.concatenate(slots), groups, BS, torch.from_numpy)
+    q_lens, seq_lens, tables, slots = paged_rows(rows, BS, 10)
+    return build_metadata(q_lens, seq_lens, tables, slots, groups, BS, torch.from_numpy)
 
 
 def _inputs(meta, kv_heads: int, heads: int, d: int = 8):

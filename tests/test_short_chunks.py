@@ -3,10 +3,9 @@ cascade (``kernels/short_chunks.py``), equal the reference attention over each s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+from paged_rows import paged_rows
 
 from batchllm.kernels.metadata import AttentionMetadata, build_metadata
 from batchllm.kernels.reference import paged_attention_ref
@@ -24,15 +23,8 @@ GROUPS = (np.array([0, 5, 6, 8, 9]), np.array([3, 0, 2, 0]))
 
 def make_step(rows: list, groups: tuple[np.ndarray, np.ndarray], bs: int, to_device=torch.from_numpy):
     """The step's metadata and its device arrays, each row's blocks after its shared ones fresh."""
-    tables, nxt, slots = np.zeros((len(rows), 16), dtype=np.int32), 100, []
-    for i, (ids, seq_len, q) in enumerate(rows):
-        table = list(ids) + list(range(nxt, nxt + math.ceil(seq_len / bs) - len(ids)))
-        nxt += len(table) - len(ids)
-        tables[i, : len(table)] = table
-        pos = np.arange(seq_len - q, seq_len)
-        slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-    q_lens, seq_lens = np.array([r[2] for r in rows]), np.array([r[1] for r in rows])
-    meta = build_metadata(q_lens, seq_lens, tables, np.concatenate(slots), groups, bs, to_device)
+    q_lens, seq_lens, tables, slots = paged_rows(rows, bs, 16)
+    meta = build_metadata(q_lens, seq_lens, tables, slots, groups, bs, to_device)
     dev = {f: getattr(meta, f) for f in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")}
     return meta, dev, q_lens, seq_lens
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from paged_rows import paged_rows
 
 from batchllm.kernels import kv_gather
 from batchllm.kernels.decode_part import split_mixed_step
@@ -93,17 +94,7 @@ def _mixed_step(bs: int):
     a, b = [10, 11, 12], [20, 21]
     rows = [(a, 17, 1), (a, 20, 6), (a, 14, 1), (a, 19, 1), ([], 9, 9), (b, 12, 1), (b, 10, 1), ([], 5, 1)]
     starts, shared = np.array([0, 4, 5, 7, 8]), np.array([3, 0, 2, 0])
-    tables, nxt = np.zeros((len(rows), 8), dtype=np.int32), 100
-    slots = []
-    for i, (ids, seq_len, q) in enumerate(rows):
-        table = list(ids) + list(range(nxt, nxt + math.ceil(seq_len / bs) - len(ids)))
-        nxt += len(table) - len(ids)
-        tables[i, : len(table)] = table
-        pos = np.arange(seq_len - q, seq_len)
-        slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-    q_lens = np.array([q for *_, q in rows])
-    seq_lens = np.array([s for _, s, _ in rows])
-    return q_lens, seq_lens, tables, np.concatenate(slots), (starts, shared)
+    return (*paged_rows(rows, bs, 8), (starts, shared))
 
 
 @pytest.mark.parametrize("kv_heads, heads", [(1, 2), (2, 4)])
