@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
@@ -123,6 +123,9 @@ class GrammarCache:
         self._executor = llguidance.LLExecutor(num_threads=threads)
         self._compiled: dict[str, CompiledGrammar] = {}
         self._failed: dict[str, str] = {}
+        self._lock = (
+            threading.Lock()
+        )  # the next window's schemas compile while the engine runs (job.read_ahead)
 
     def __len__(self) -> int:
         """How many distinct specs compiled successfully."""
@@ -131,15 +134,16 @@ class GrammarCache:
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar for `spec`, compiled on first use. ValueError (one line) if invalid."""
         key = spec.digest
-        if key in self._failed:
-            raise ValueError(self._failed[key])
-        if key not in self._compiled:
-            try:
-                self._compiled[key] = self._build(spec)
-            except ValueError as e:
-                self._failed[key] = str(e)
-                raise
-        return self._compiled[key]
+        with self._lock:
+            if key in self._failed:
+                raise ValueError(self._failed[key])
+            if key not in self._compiled:
+                try:
+                    self._compiled[key] = self._build(spec)
+                except ValueError as e:
+                    self._failed[key] = str(e)
+                    raise
+            return self._compiled[key]
 
     def new_row(self, spec: GrammarSpec) -> RowConstraint:
         """A fresh matcher for one row (compiling `spec` if new). ValueError if `spec` is invalid."""
@@ -166,6 +170,8 @@ def fill_mask(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor
     `GrammarCache.allocate_bitmask`; all constraints must come from caches of the same vocab_size."""
     if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or bitmask.dim() != 2:
         raise ValueError("bitmask must be a 2-D int32 CPU tensor")
+    if not bitmask.is_contiguous():
+        raise ValueError("bitmask must be contiguous")
     if bitmask.shape[0] < len(constraints):
         raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(constraints)} constraints")
     rows = bitmask[: len(constraints)]
@@ -174,7 +180,8 @@ def fill_mask(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor
     if not work:
         return False
     executor = next(c for c in constraints if c is not None)._executor
-    llguidance.torch.fill_next_token_bitmask_par(executor, work, rows)
+    # What llguidance.torch does, without importing it (its import compiles a kernel: ~2.5 s of start-up).
+    executor.unsafe_compute_mask_ptr(work, rows.data_ptr(), rows.shape[1] * 4, rows.shape[0])
     return True
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from batchllm.config import SamplingParams
-from batchllm.engine.sampling import uniform
+from batchllm.engine.random_streams import uniform
 
 
 def sample_rows(

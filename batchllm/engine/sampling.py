@@ -7,25 +7,13 @@ rows share its batch, the order of work, the token budget, or preemptions.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 
 from batchllm.config import SamplingParams
+from batchllm.engine.random_streams import uniform
 from batchllm.engine.token_mask import apply_mask
-
-
-def row_key(seed: int, row_id: object) -> int:
-    """A 64-bit key for one row's random stream, stable across runs and processes."""
-    digest = hashlib.blake2b(f"{seed}\x00{row_id!r}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def uniform(key: int, step: int) -> float:
-    """A number in [0, 1) for generation step ``step`` of the row with ``key``."""
-    digest = hashlib.blake2b(step.to_bytes(8, "little"), key=key.to_bytes(8, "little"), digest_size=8)
-    return (int.from_bytes(digest.digest(), "little") >> 11) / float(1 << 53)
 
 
 def sample(

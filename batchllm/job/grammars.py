@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchllm.config import JobSpec
-from batchllm.engine.constraints import GrammarCache
 from batchllm.engine.grammar_spec import GrammarSpec
 from batchllm.errors import JobError
 from batchllm.io.reader import open_input
@@ -23,11 +22,16 @@ from batchllm.io.source import InputSource
 from batchllm.job.windows import Window
 from batchllm.model.config import ModelConfig
 
+if TYPE_CHECKING:  # the grammar engine imports torch: only constrained jobs load it
+    from batchllm.engine.constraints import GrammarCache
+
 SCHEMA_IN_PROMPT = "Answer with JSON that matches this JSON Schema:\n"
 
 
 def grammar_cache(tokenizer: Any, mcfg: ModelConfig) -> GrammarCache:
     """A compile cache for this model: its logits' width and its EOS ids."""
+    from batchllm.engine.constraints import GrammarCache
+
     width = max(mcfg.vocab_size, len(tokenizer))
     return GrammarCache(tokenizer, vocab_size=width, eos_token_ids=mcfg.eos_token_ids)
 

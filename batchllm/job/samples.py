@@ -3,7 +3,7 @@
 A row's samples are planned as N rows with the same prompt: the planner builds its tree over each
 prompt less its last token, so the N samples (and identical prompts of other rows) share the whole
 prompt but that token as one group, computed once. Sample 0 keeps the row's own stream
-(``sampling.row_key``), so ``--n 1`` output is unchanged; sample ``s`` > 0 draws from a key derived
+(``random_streams.row_key``), so ``--n 1`` output is unchanged; sample ``s`` > 0 draws from a key derived
 from (seed, row id, s). The samples of a row run in one work unit and commit together, as one row.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from batchllm.engine.sampling import row_key
+from batchllm.engine.random_streams import row_key
 from batchllm.job.rows import RowBlock
 
 

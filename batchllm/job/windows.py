@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchllm.config import JobSpec, SamplingParams
-from batchllm.engine.sampling import row_key
+from batchllm.engine.random_streams import row_key
 from batchllm.io.prompts import Prompter
 from batchllm.io.reader import open_input
 from batchllm.io.row_params import row_params

@@ -19,13 +19,14 @@ import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from batchllm.errors import JobError
-from batchllm.model.gguf_dequant import dequantize
+
+if TYPE_CHECKING:  # reading a GGUF's config and tokenizer needs no torch (``batchllm plan``)
+    import torch
 
 GGUF_SUFFIX = ".gguf"
 # metadata value type -> struct format (8 is a string, 9 an array)
@@ -160,6 +161,8 @@ class TensorData:
         self._data = np.memmap(path, dtype=np.uint8, mode="c")
 
     def dequantized(self, tensor: GgufTensor) -> torch.Tensor:  # tensor.shape, float (not always float32)
+        from batchllm.model.gguf_dequant import dequantize
+
         rows, cols = tensor.shape[:-1], tensor.shape[-1]
         row_bytes = _row_bytes(tensor.ggml_type, cols)
         raw = self._data[tensor.offset : tensor.offset + prod(rows) * row_bytes]
