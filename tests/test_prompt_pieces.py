@@ -3,13 +3,17 @@ one int32 buffer) give exactly the ids of today's whole-prompt encoding, and fal
 
 from __future__ import annotations
 
+import random
+import sys
+
 import numpy as np
+import pyarrow as pa
 import pytest
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 from batchllm.io import piece_encoder
-from batchllm.io.line_split import CUT, cut_lines, cuts_at_lines
+from batchllm.io.line_split import CUT, WORD_CUT, cuts_at_lines, line_cuts, word_cuts
 from batchllm.io.piece_encoder import PieceEncoder, packed_views, row_views
 from batchllm.io.prompts import Prompter
 from batchllm.prefix_tree.seqs import TokenSeqs
@@ -45,7 +49,7 @@ def test_cut_prompts_give_the_ids_of_whole_prompts(tokenizer_dir, make_rows, cha
     for prefix in PREFIXES:
         prompter = Prompter(tokenizer, prefix, chat)
         new = prompter.encode(texts)
-        assert prompter.cut and prompter.fast
+        assert prompter.cut and prompter.words and prompter.fast
         _assert_same(new, _whole(tokenizer, prefix, chat, texts))
 
 
@@ -69,9 +73,19 @@ def test_a_tokenizer_without_the_split_guarantee_gets_whole_prompts(tokenizer_di
     _assert_same(new, _whole(tokenizer, PREFIXES[2], False, texts))
 
 
+def _after_first_space(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """A wrong cutter: just after each row's first space (byte-level BPE joins a space to the next word)."""
+    cuts = []
+    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        at = data[a:b].tobytes().find(b" ")
+        if 0 <= at and a + at + 1 < b:
+            cuts.append(a + at + 1)
+    return np.asarray(cuts, np.int64)
+
+
 def test_a_wrong_cut_is_caught_by_the_window_check(tokenizer_dir, make_rows, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    monkeypatch.setattr(piece_encoder, "cut_lines", lambda p: p.split(" ", 1) if " " in p else [p])
+    monkeypatch.setattr(piece_encoder, "line_cuts", _after_first_space)
     texts = _texts(make_rows)
     prompter = Prompter(tokenizer, PREFIXES[1], chat=False)
     new = prompter.encode(texts)
@@ -98,11 +112,36 @@ def test_distinct_pieces_are_tokenized_once(tokenizer_dir):
     assert len(seqs) == 4 and seqs.lengths[2] == 0
     assert np.array_equal(seqs.row(0), seqs.row(3))
     assert np.array_equal(seqs.row(1), backend.encode(rows[1], add_special_tokens=False).ids)
+    seen.clear()
+    encoder = PieceEncoder(Counting(), cut=True, add_special=False, specials=None, words=True)
+    encoder.add(rows)
+    assert sorted(seen) == [" line.\n", " one", " two", "Row", "Shared"]  # new lines, by their words
+    assert encoder.pack().tokens.tolist() == seqs.tokens.tolist()
 
 
-def test_cut_lines_matches_the_cut_rule():
-    for text in ["a\nb\nc", "a\n b\nc\n", "\n\nx", "x\r\ny", "", "no newline", "a\n\tb\nc"]:
-        assert cut_lines(text) == [p for p in CUT.split(text) if p] and "".join(cut_lines(text)) == text
+def _pieces(rows: list[str], cutter=line_cuts) -> list[list[str]]:
+    """Each row cut by ``cutter`` (all rows at once, from their bytes)."""
+    strings = pa.array(rows, pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], np.int64, len(rows) + 1)
+    data = strings.buffers()[2]
+    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    cuts = cutter(raw, offsets).tolist()
+    out = []
+    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        bounds = [a, *(c for c in cuts if a < c < b), b]
+        out.append([raw[x:y].tobytes().decode() for x, y in zip(bounds[:-1], bounds[1:]) if y > x])
+    return out
+
+
+@pytest.mark.parametrize(("cutter", "rule"), [(line_cuts, CUT), (word_cuts, WORD_CUT)])
+def test_cuts_match_their_rule(cutter, rule):
+    """Rows of newlines next to ASCII, Unicode and control spaces, letters and CJK, cut all at once."""
+    rng = random.Random(0)
+    alphabet = list("a \n\t\r\x1c\u0085\u00a0\u2003\u2028\u3000é中")
+    assert not any(chr(c).isspace() for c in range(0x3001, sys.maxunicode + 1))  # line_split's _SPACES
+    for _ in range(300):
+        rows = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5)]
+        assert _pieces(rows, cutter) == [[p for p in rule.split(r) if p] for r in rows]
 
 
 def test_row_views_plan_without_a_copy():

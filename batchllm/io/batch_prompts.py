@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from batchllm.io.piece_encoder import PieceEncoder
 from batchllm.io.prompts import PendingPrompts, PromptBatch, Prompter
 from batchllm.io.source import InputSource
 
@@ -36,6 +37,7 @@ class BatchPrompter(Prompter):
         texts: list[str | None],
         text_errors: list[str | None] | None = None,
         systems: list[str | None] | None = None,
+        pending: PendingPrompts | None = None,
     ) -> PendingPrompts:
         errors = list(text_errors or [None] * len(texts))
         plain = [i for i, t in enumerate(texts) if is_plain(t)]
@@ -55,7 +57,9 @@ class BatchPrompter(Prompter):
         for i, t in enumerate(texts):
             if t is None or (token_ids[i] is None and errors[i] is None):
                 errors[i] = errors[i] or "text is null"
-        return PendingPrompts(None, errors, PromptBatch(token_ids, errors))
+        pending = pending if pending is not None else PendingPrompts(PieceEncoder(None, False, False, None))
+        pending.add_done(PromptBatch(token_ids, errors))
+        return pending
 
     def _encode_plain(self, texts: list[str], systems: list[str | None] | None) -> PromptBatch:
         return self._plain.encode([json.loads(t) for t in texts])

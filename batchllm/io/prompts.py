@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 
 from batchllm.errors import JobError
-from batchllm.io.line_split import backend_of, cuts_at_lines, special_ids
+from batchllm.io.line_split import backend_of, cuts_at_lines, cuts_at_words, special_ids
 from batchllm.io.messages import conversation
 from batchllm.io.piece_encoder import PieceEncoder, row_views
 
 logger = logging.getLogger(__name__)
-ENCODE_BATCH_ROWS = 4096
+ENCODE_BATCH_ROWS = 4096  # rows tokenized whole at a time
+PIECE_BATCH_ROWS = 65536  # rows cut into pieces at a time (Arrow arrays of their bytes)
 CHECK_ROWS = 32  # rows per window whose cut encoding is compared with their whole prompt's
 
 
@@ -27,19 +28,24 @@ class PromptBatch:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True)
 class PendingPrompts:
-    """Rows tokenized, their ids not yet laid out in one buffer: the caller can let go of the texts
-    first (a million-row window's texts are ~1 GB, its ids as much again)."""
+    """A window's rows, tokenized part by part as they are read, their ids not yet laid out in one buffer
+    (``pack``): a part's texts go as soon as it is encoded (a million rows' texts are ~1 GB)."""
 
-    encoder: PieceEncoder | None  # None: ``done`` holds the rows
-    errors: list[str | None]
-    done: PromptBatch | None = None
+    def __init__(self, encoder: PieceEncoder) -> None:
+        self.encoder = encoder
+        self.errors: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def add_done(self, batch: PromptBatch) -> None:
+        """Rows whose ids were found another way."""
+        for ids in batch.token_ids:
+            self.encoder.add_failed() if ids is None else self.encoder.add_ids(ids)
+        self.errors += batch.errors
 
     def pack(self) -> PromptBatch:
-        if self.encoder is None:
-            assert self.done is not None
-            return self.done
         token_ids: list[np.ndarray | None] = list(row_views(self.encoder.pack()))
         for i, e in enumerate(self.errors):
             if e is not None:
@@ -65,6 +71,7 @@ class Prompter:
         self.chat = chat or messages
         self.messages = messages  # texts are conversations as JSON (io.messages), rendered as they are
         self.cut: bool | None = None  # prompts cut at line starts (decided at the first encode)
+        self.words = False  # new lines cut again before words (decided with ``cut``)
         self.fast = True  # distinct pieces tokenized once into one buffer (io.piece_encoder)
         self.specials: tuple[list[int], list[int]] | None = None  # ids around every plain prompt
 
@@ -104,15 +111,42 @@ class Prompter:
         texts: list[str | None],
         text_errors: list[str | None] | None = None,
         systems: list[str | None] | None = None,
+        pending: PendingPrompts | None = None,
     ) -> PendingPrompts:
-        """``encode``, less laying the ids out (``PendingPrompts.pack``), which needs no texts."""
+        """``encode``, less laying the ids out (``PendingPrompts.pack``), which needs no texts. Rows are
+        added to ``pending`` (a window read part by part), or to a new one; the first rows added to it
+        are checked against their whole prompts' encoding."""
         if text_errors is not None and len(text_errors) != len(texts):
             raise ValueError(f"{len(text_errors)} text errors for {len(texts)} texts")
         reasons = text_errors or [None] * len(texts)
         errors = [None if t is not None else (reason or "text is null") for t, reason in zip(texts, reasons)]
-        encoder = self._piece_encoder()
-        if encoder is not None:
-            return self._encode_pieces(encoder, texts, errors, systems)
+        pending = pending if pending is not None else self.new_pending()
+        if pending.encoder.backend is None:
+            pending.add_done(self._encode_slowly(texts, errors, systems))
+            return pending
+        first = len(pending) == 0
+        for lo in range(0, len(texts), PIECE_BATCH_ROWS):
+            end = min(lo + PIECE_BATCH_ROWS, len(texts))
+            self._add_rows(pending.encoder, lo, end, texts, errors, systems)
+        if first and not self._first_rows_same(pending.encoder, texts, errors, systems):
+            logger.warning("fast tokenization (%s) changed token ids; falling back", self._mode())
+            if self.words:  # words, then lines, then whole prompts, then the tokenizer itself
+                self.words = False
+            else:
+                self.cut, self.fast = False, not self.cut
+            pending.encoder = self.new_pending().encoder
+            return self.encode_pending(texts, errors, systems, pending)
+        pending.errors += errors
+        return pending
+
+    def new_pending(self) -> PendingPrompts:
+        """An empty window: pieces (``_piece_encoder``) or, without a fast tokenizer, whole prompts."""
+        return PendingPrompts(self._piece_encoder() or PieceEncoder(None, False, False, None))
+
+    def _encode_slowly(
+        self, texts: list[str | None], errors: list[str | None], systems: list[str | None] | None
+    ) -> PromptBatch:
+        """Every prompt tokenized whole by the tokenizer itself."""
         token_ids: list[np.ndarray | None] = [None] * len(texts)
         rows = [i for i, t in enumerate(texts) if t is not None]
         # Sub-batches bound the Python int lists the tokenizer returns (~30 bytes a token) before
@@ -122,7 +156,7 @@ class Prompter:
             own = None if systems is None else [systems[i] for i in chunk]
             for i, (ids, error) in zip(chunk, self._encode_all([texts[i] for i in chunk], own)):
                 token_ids[i], errors[i] = ids, error
-        return PendingPrompts(None, errors, PromptBatch(token_ids, errors))
+        return PromptBatch(token_ids, errors)
 
     def _piece_encoder(self) -> PieceEncoder | None:
         """The fast path (distinct pieces once, one buffer), or None: a tokenizer without a Rust backend,
@@ -134,27 +168,27 @@ class Prompter:
             self._tokenize(["probe"])  # transformers sets the backend's truncation and padding off
             self.specials = None if self.chat else special_ids(backend)
             self.cut = (self.chat or self.specials is not None) and cuts_at_lines(self.tokenizer)
-            logger.debug("prompts cut at line starts: %s", self.cut)
-        return PieceEncoder(backend, self.cut, not self.chat, self.specials if self.cut else None)
+            self.words = self.cut and cuts_at_words(self.tokenizer)
+            logger.debug("prompts: %s", self._mode())
+        specials = self.specials if self.cut else None
+        return PieceEncoder(backend, self.cut, not self.chat, specials, self.words)
 
-    def _encode_pieces(
+    def _mode(self) -> str:
+        return "cut at words and lines" if self.words else "cut at lines" if self.cut else "whole"
+
+    def _first_rows_same(
         self,
         encoder: PieceEncoder,
         texts: list[str | None],
         errors: list[str | None],
         systems: list[str | None] | None,
-    ) -> PendingPrompts:
-        for lo in range(0, len(texts), ENCODE_BATCH_ROWS):
-            self._add_chunk(encoder, lo, min(lo + ENCODE_BATCH_ROWS, len(texts)), texts, errors, systems)
+    ) -> bool:
+        """Whether a window's first rows encode as their whole prompts do (the per-window check)."""
         rows = [i for i, t in enumerate(texts) if t is not None][:CHECK_ROWS]
         first = list(row_views(encoder.pack(rows[-1] + 1))) if rows else []
-        if not self._same_as_whole(texts, first, [i for i in rows if errors[i] is None], systems):
-            logger.warning("fast tokenization (cut=%s) changed token ids; falling back", self.cut)
-            self.cut, self.fast = False, not self.cut
-            return self.encode_pending(texts, errors, systems)
-        return PendingPrompts(encoder, errors)
+        return self._same_as_whole(texts, first, [i for i in rows if errors[i] is None], systems)
 
-    def _add_chunk(
+    def _add_rows(
         self,
         encoder: PieceEncoder,
         lo: int,
@@ -163,17 +197,24 @@ class Prompter:
         errors: list[str | None],
         systems: list[str | None] | None,
     ) -> None:
-        """Rows [lo, end) into ``encoder``; a row without text is a failed row."""
+        """Rows [lo, end) into ``encoder``; a row without text is a failed row. When the batch fails,
+        smaller batches find the rows the tokenizer (or the UTF-8 encoding) rejects."""
         chunk = [i for i in range(lo, end) if texts[i] is not None]
         own = None if systems is None else [systems[i] for i in chunk]
         try:
             rendered = iter(self.render([texts[i] for i in chunk], own))
             encoder.add([next(rendered) if texts[i] is not None else None for i in range(lo, end)])
-        except Exception:  # the tokenizer's error types vary; find the bad rows one by one
-            encoded = dict(zip(chunk, self._encode_all([texts[i] for i in chunk], own)))
-            for i in range(lo, end):
-                ids, errors[i] = encoded.get(i, (None, errors[i]))
-                encoder.add_failed() if ids is None else encoder.add_ids(ids)
+            return
+        except Exception:  # the tokenizer's error types vary
+            pass
+        if end - lo > ENCODE_BATCH_ROWS:
+            for a in range(lo, end, ENCODE_BATCH_ROWS):
+                self._add_rows(encoder, a, min(a + ENCODE_BATCH_ROWS, end), texts, errors, systems)
+            return
+        encoded = dict(zip(chunk, self._encode_all([texts[i] for i in chunk], own)))
+        for i in range(lo, end):
+            ids, errors[i] = encoded.get(i, (None, errors[i]))
+            encoder.add_failed() if ids is None else encoder.add_ids(ids)
 
     def _same_as_whole(
         self,

@@ -28,7 +28,7 @@ def plan_job(job: JobSpec) -> dict:
     scoring: dict[str, int] = {}
     for window, conts in windows:
         planned = plan_window(job, window, conts)
-        plan, prompts = planned.plan, planned.planned.token_ids
+        plan = planned.plan
         stats.append(plan.stats)
         if conts is not None:
             for key, value in scoring_figures(plan, planned.planned.continuations).items():
@@ -37,7 +37,7 @@ def plan_job(job: JobSpec) -> dict:
             _add_workers(per_worker, simulate(split_plan(plan, planned.planned, job.workers), job.workers))
         failed += window.num_failed
         flops_shared += _planned_flops(plan, mcfg)
-        flops_plain += sum(_segment_flops(mcfg, 0, len(p)) for p in prompts)
+        flops_plain += _segment_flops(mcfg, 0, plan.seqs.lengths)
     total = PlanStats.combine(stats).to_dict()
     return {
         **total,
@@ -72,23 +72,18 @@ def _workers_figures(per_worker: dict[str, dict[str, int]]) -> dict:
     }
 
 
-def _segment_flops(cfg: ModelConfig, start: int, end: int) -> float:
-    """Forward FLOPs of prefilling positions [start, end) of one sequence: the matmuls over the
+def _segment_flops(cfg: ModelConfig, start: np.ndarray | int, end: np.ndarray) -> float:
+    """Forward FLOPs of prefilling positions [start, end) of sequences (summed): the matmuls over the
     weights (2 per parameter per token) plus attention scores and values over the context."""
+    start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
     dense = 2.0 * cfg.num_params * (end - start)
     attention = 2.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (end * end - start * start)
-    return dense + attention
+    return float(np.sum(dense + attention))
 
 
 def _planned_flops(plan: Plan, cfg: ModelConfig) -> float:
-    lengths = plan.seqs.lengths
-    nodes = sum(
-        _segment_flops(cfg, int(plan.node_length[p]), int(plan.node_length[i]))
-        for i, p in enumerate(plan.node_parent.tolist())
-        if p >= 0
-    )
-    rows = sum(
-        _segment_flops(cfg, int(plan.node_length[plan.row_node[r]]), int(lengths[r]))
-        for r in plan.row_order.tolist()
-    )
-    return nodes + rows
+    """The chosen prefixes' own tokens once each, then every representative row's own tokens."""
+    length, parent = plan.node_length, plan.node_parent
+    nodes = _segment_flops(cfg, length[parent[1:]], length[1:])
+    rows = plan.row_order
+    return nodes + _segment_flops(cfg, length[plan.row_node[rows]], plan.seqs.lengths[rows])

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from batchllm.config import JobSpec, SamplingParams
 from batchllm.engine.random_streams import row_key
-from batchllm.io.prompts import Prompter
+from batchllm.io.prompts import PendingPrompts, Prompter
 from batchllm.io.reader import open_input
 from batchllm.io.row_params import row_params
-from batchllm.io.source import InputSource
+from batchllm.io.source import CONVERT_ROWS, InputSource, RowBatch
 from batchllm.job.rows import RowBlock
 
 
@@ -89,29 +89,73 @@ def read_windows(
 ) -> Iterator[Window]:
     """Windows of rows, tokenized; rows marked in ``skip`` (bool [num_rows]) are not tokenized. Rows
     with a ``--params-column`` value get their own settings from ``sampling`` (the job's).
-    ``systems(start, rows)``: each row's own system message (chat), when rows have their own."""
-    for batch in source.iter_batches(rows_per_batch=window_rows):
-        done = skip[batch.start : batch.start + len(batch)]
-        if done.all():
-            continue
-        cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests under --max-new-tokens
-        extra = getattr(source, "extra_param_keys", ())  # OpenAI requests: n too
-        params, param_errors = _params(batch.params, sampling, len(batch), cap, extra)
+    ``systems(start, rows)``: each row's own system message (chat), when rows have their own.
+    A window is read and tokenized in parts (``CONVERT_ROWS``), so only one part's texts are ever held."""
+    cap = getattr(source, "caps_max_tokens", False)  # OpenAI requests under --max-new-tokens
+    extra = getattr(source, "extra_param_keys", ())  # OpenAI requests: n too
+    rows = _WindowRows(prompter, sampling, cap, extra)
+    for part in _parts(source, window_rows):
+        done = skip[part.start : part.start + len(part)]
+        rows.add(part, done, systems(part.start, len(part)) if systems is not None else None)
+        del part
+        if len(rows) == window_rows:
+            window = rows.finish(max_new_tokens, max_positions)
+            if window is not None:
+                yield window
+    if len(rows):
+        window = rows.finish(max_new_tokens, max_positions)
+        if window is not None:
+            yield window
+
+
+def _parts(source: InputSource, window_rows: int) -> Iterator[RowBatch]:
+    """The input in parts of at most ``CONVERT_ROWS`` rows, cut where windows end."""
+    filled = 0
+    for part in source.iter_batches(rows_per_batch=min(window_rows, CONVERT_ROWS)):
+        while len(part):
+            head, part = part.split(min(len(part), window_rows - filled))
+            filled = (filled + len(head)) % window_rows
+            yield head
+
+
+class _WindowRows:
+    """One window's rows as its parts are read: each part tokenized at once, everything but its texts kept."""
+
+    def __init__(self, prompter: Prompter, sampling: SamplingParams | None, cap: bool, extra: tuple) -> None:
+        self.prompter, self.sampling, self.cap, self.extra = prompter, sampling, cap, extra
+        self.parts: list[RowBatch] = []
+        self.done: list[np.ndarray] = []
+        self.pending: PendingPrompts | None = None
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def add(self, batch: RowBatch, done: np.ndarray, own: list[str | None] | None) -> None:
+        params, param_errors = _params(batch.params, self.sampling, len(batch), self.cap, self.extra)
         texts = [None if d or p else t for t, d, p in zip(batch.texts, done, param_errors)]
         text_errors = [
             e or p or ("skipped" if d else None) for e, d, p in zip(batch.text_errors, done, param_errors)
         ]
-        own = systems(batch.start, len(batch)) if systems is not None else None
-        pending = prompter.encode_pending(texts, text_errors, own)
-        start, row_ids, keep, schemas, n = batch.start, batch.ids, batch.keep, batch.schemas, len(batch)
-        del batch, texts, own  # the texts (~1 GB at a million rows) go before the ids are laid out
+        self.pending = self.prompter.encode_pending(texts, text_errors, own, self.pending)
+        self.parts.append(replace(batch, texts=[None] * len(batch), text_errors=[], params=params))
+        self.done.append(done)
+
+    def finish(self, max_new_tokens: int, max_positions: int) -> Window | None:
+        """The window (None when every row was committed before), and a fresh start for the next."""
+        whole, done, pending = RowBatch.concat(self.parts), np.concatenate(self.done), self.pending
+        self.parts, self.done, self.pending = [], [], None
+        if done.all() or pending is None:
+            return None
         prompts = pending.pack()
+        del pending
+        params, n = whole.params, len(whole)
         max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * n]
         errors = [
             err or length_error(ids, row_max_new, max_positions)
             for ids, err, row_max_new in zip(prompts.token_ids, prompts.errors, max_new)
         ]
-        yield Window(start, row_ids, keep, prompts.token_ids, errors, done, params, schemas)
+        token_ids, schemas = prompts.token_ids, whole.schemas
+        return Window(whole.start, whole.ids, whole.keep, token_ids, errors, done, params, schemas)
 
 
 def _params(
