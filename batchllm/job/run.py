@@ -36,6 +36,7 @@ from batchllm.job.inputs import JobInputs
 from batchllm.job.interrupt import StopRequest
 from batchllm.job.leftovers import end_leftovers
 from batchllm.job.progress import RowProgress
+from batchllm.job.read_ahead import ReadAhead
 from batchllm.job.report import GROUP_KEYS, GUIDE_KEYS
 from batchllm.job.rows import RowBlock
 from batchllm.job.scoring import append_columns, score_schema
@@ -188,7 +189,7 @@ class Job:
             workers=out.workers,
         )
         self.progress.advance(RowCounts(rows=out.rows_skipped))
-        windows = self.inputs.windows(job, self.done)
+        windows = ReadAhead(self.inputs.windows(job, self.done))
         try:
             for number in itertools.count():
                 started = time.perf_counter()
@@ -201,6 +202,7 @@ class Job:
             self._end("interrupted")
             raise Interrupted from None
         finally:
+            windows.close()
             self.executor.close()
             self.progress.close()
         self._write()
