@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchllm.io.line_split import line_cuts, word_cuts
 from batchllm.prefix_tree.seqs import TokenSeqs, ragged_arange
@@ -29,11 +30,13 @@ Ids = tuple[np.ndarray, np.ndarray]  # int32 ids of strings end to end, int64 ea
 
 class Distinct:
     """Distinct strings, each tokenized once (by ``tokenize``), numbered in the order they were first seen;
-    pieces without a string (ids found another way) are numbered among them."""
+    pieces without a string (ids found another way) are numbered among them. The strings seen are kept as
+    Arrow arrays and looked up by Arrow's hash (``index_in``): only new ones become Python strings."""
 
     def __init__(self, tokenize: Callable[[list[str]], Ids]) -> None:
         self.tokenize = tokenize
-        self.index: dict[str, int] = {}
+        self.known: list[pa.Array] = []  # the strings seen, in chunks
+        self.known_numbers: list[np.ndarray] = []  # int64, each known string's number
         self.ids: list[np.ndarray] = []  # int32, one array per batch of new pieces
         self.lengths: list[np.ndarray] = []  # int64
         self.count = 0
@@ -43,15 +46,21 @@ class Distinct:
         """int64 [len(strings)]: each string's number; strings not seen before are tokenized, all at once.
         Nothing is recorded when tokenizing raises."""
         codes = strings.dictionary_encode()
-        distinct = codes.dictionary.to_pylist()
-        index = self.index
-        found = np.fromiter((index.get(p, -1) for p in distinct), np.int64, len(distinct))
+        distinct = codes.dictionary
+        found = np.full(len(distinct), -1, np.int64)
+        if self.known:
+            known = pa.concat_arrays(self.known)
+            self.known = [known]
+            self.known_numbers = [np.concatenate(self.known_numbers)]
+            at = pc.index_in(distinct, value_set=known).fill_null(-1).to_numpy()
+            found = np.where(at >= 0, self.known_numbers[0][at], -1)
         new = np.flatnonzero(found < 0)
         if new.size:
-            fresh = [distinct[i] for i in new.tolist()]
-            self._append(*self.tokenize(fresh))
+            fresh = distinct.take(pa.array(new))
+            self._append(*self.tokenize(fresh.to_pylist()))
             found[new] = self.count - new.size + np.arange(new.size)
-            index.update(zip(fresh, found[new].tolist()))
+            self.known.append(fresh)
+            self.known_numbers.append(found[new])
         return found[np.asarray(codes.indices)]
 
     def add(self, ids: np.ndarray | list[int]) -> int:
@@ -75,7 +84,7 @@ class Distinct:
         return self._flat
 
     def forget_strings(self) -> None:
-        self.index = {}
+        self.known, self.known_numbers = [], []
 
 
 class PieceEncoder:

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from batchllm.config import JobSpec, SamplingParams
 from batchllm.engine.random_streams import row_key
+from batchllm.io.heap import give_back
 from batchllm.io.prompts import PendingPrompts, Prompter
 from batchllm.io.reader import open_input
 from batchllm.io.row_params import row_params
@@ -146,8 +147,10 @@ class _WindowRows:
         self.parts, self.done, self.pending = [], [], None
         if done.all() or pending is None:
             return None
+        give_back()  # the parts' freed buffers, before the window's ids take their one buffer
         prompts = pending.pack()
         del pending
+        give_back()
         params, n = whole.params, len(whole)
         max_new = [max_new_tokens if p is None else p.max_new_tokens for p in params or [None] * n]
         errors = [
