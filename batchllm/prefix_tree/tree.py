@@ -18,10 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from batchllm.prefix_tree.seqs import TokenSeqs, ragged_arange, ragged_equal, require
+from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans, ragged_arange, ragged_equal, require
 
 _WINDOW = 32  # tokens compared per row per round
 _CHUNK_ROWS = 1 << 16  # rows per gather, so a round's temporaries stay around 10 MB
+_WINDOW_TYPE = np.dtype((np.void, 4 * _WINDOW))  # _WINDOW int32 tokens as one item
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +33,7 @@ class PrefixTree:
     node v is `seqs.row(node_row[v])[:node_length[v]]`. Rows with the same leaf are duplicates.
     """
 
-    seqs: TokenSeqs
+    seqs: TokenSeqs | TokenSpans  # the rows it was built over (spans: rows less their tails, uncopied)
     order: np.ndarray  # int64 [num_rows]: rows in lexicographic order
     node_length: np.ndarray  # int64 [num_nodes]: tokens from the prompt start to the node
     node_parent: np.ndarray  # int64 [num_nodes]: parent node; -1 only at the root
@@ -42,7 +43,7 @@ class PrefixTree:
     row_leaf: np.ndarray  # int64 [num_rows]: the node where each row ends
 
     @classmethod
-    def build(cls, seqs: TokenSeqs) -> PrefixTree:
+    def build(cls, seqs: TokenSeqs | TokenSpans) -> PrefixTree:
         """The tree of ``seqs``; empty rows end at the root."""
         return _Builder(seqs).run()
 
@@ -108,19 +109,29 @@ class PrefixTree:
         children = np.bincount(self.node_parent[1:], minlength=self.num_nodes)
         lonely = (children[1:] < 2) & (self.node_terminal_rows[1:] == 0)
         require(not lonely.any(), "a node with one child and no row ending there must be merged")
-        starts, rows = self.seqs.offsets[:-1], self.node_row
+        starts, rows = self.seqs.starts, self.node_row
         first = self.seqs.tokens[starts[rows[1:]] + self.node_length[self.node_parent[1:]]]
         pairs = np.stack([self.node_parent[1:], first.astype(np.int64)], axis=1)
         require(np.unique(pairs, axis=0).shape[0] == pairs.shape[0], "sibling edges must differ")
 
     def _check_tokens(self) -> None:
-        starts, rows = self.seqs.offsets[:-1], self.node_row
+        starts, rows = self.seqs.starts, self.node_row
         p = self.node_parent[1:]
         same = ragged_equal(self.seqs.tokens, starts[rows[1:]], starts[rows[p]], self.node_length[p])
         require(same, "a node's prefix must extend its parent's prefix")
         leaf_rows = rows[self.row_leaf]
         same = ragged_equal(self.seqs.tokens, starts, starts[leaf_rows], self.seqs.lengths)
         require(same, "a row must equal the prefix of its leaf")
+
+
+def _first_difference(win: np.ndarray, lead: np.ndarray, common: np.ndarray):
+    """Per row: the first of its window's tokens (only the first ``common`` count) that differs
+    from the leader's, or the window if none does; and whether that is ``common`` itself."""
+    eq = win.view(np.int32).reshape(-1, _WINDOW) == lead.view(np.int32).reshape(-1, _WINDOW)
+    eq &= np.arange(_WINDOW) < common[:, None]
+    m = eq.argmin(axis=1)
+    m[eq[np.arange(m.size), m]] = _WINDOW  # argmin of an all-true row is 0
+    return m, m == common
 
 
 class _Groups(NamedTuple):
@@ -140,15 +151,16 @@ class _Groups(NamedTuple):
 class _Builder:
     """Working state of one build: the order being refined and the nodes found so far."""
 
-    def __init__(self, seqs: TokenSeqs) -> None:
+    def __init__(self, seqs: TokenSeqs | TokenSpans) -> None:
         self.seqs = seqs
-        self.starts, self.lengths = seqs.offsets[:-1], seqs.lengths
+        self.starts, self.lengths = seqs.starts, seqs.lengths
         tokens = seqs.tokens
         # The window view needs _WINDOW tokens past every start; pad only tiny inputs (a copy).
         if tokens.size < 2 * _WINDOW:
             tokens = np.concatenate([tokens, np.zeros(2 * _WINDOW, dtype=np.int32)])
         self.tokens = tokens
-        self.windows = np.lib.stride_tricks.sliding_window_view(tokens, _WINDOW)  # [T - W + 1, W]
+        # void [T - W + 1]: item i is tokens[i : i + W], so one row's window is one gather and one memcmp
+        self.windows = np.ndarray((tokens.size - _WINDOW + 1,), _WINDOW_TYPE, tokens, strides=(4,))
         self.order = np.arange(len(seqs), dtype=np.int64)
         self.nodes: list[tuple[np.ndarray, ...]] = []  # (length, parent, level, lo, hi) batches
         self.num_nodes = 0
@@ -200,35 +212,33 @@ class _Builder:
 
     def _compare_to_leader(self, rows: np.ndarray, gidx: np.ndarray, g: _Groups):
         """Per row: tokens after the group depth that agree with the group's first row (capped at
-        the window), and whether the row is identical to that first row."""
+        the window), and whether the row is identical to that first row. A row with more than a
+        window left that matches the leader's whole window (one memcmp) is the common case."""
         leader = self.order[g.lo]
-        lead_window = self._window(self.starts[leader] + g.depth)  # [G, W], shared by the members
-        mismatch = np.empty(rows.size, dtype=np.int64)
-        same = np.empty(rows.size, dtype=bool)
-        ar = np.arange(_WINDOW)
+        lead, lead_len = self._window(self.starts[leader] + g.depth), self.lengths[leader]
+        mismatch = np.full(rows.size, _WINDOW, dtype=np.int64)
+        same = np.zeros(rows.size, dtype=bool)
         for a in range(0, rows.size, _CHUNK_ROWS):
             r, gi = rows[a : a + _CHUNK_ROWS], gidx[a : a + _CHUNK_ROWS]
-            d, lead = g.depth[gi], leader[gi]
-            len_r, len_l = self.lengths[r], self.lengths[lead]
-            common = np.minimum(len_r, len_l) - d  # tokens both rows still have
-            eq = self._window(self.starts[r] + d) == lead_window[gi]
-            eq &= ar < common[:, None]
-            m = eq.argmin(axis=1)
-            m[eq[np.arange(m.size), m]] = _WINDOW  # argmin of an all-true row is 0
-            ident = (len_r == len_l) & (m == common)
-            mismatch[a : a + _CHUNK_ROWS] = np.where(ident, _WINDOW, m)
-            same[a : a + _CHUNK_ROWS] = ident
+            len_r, len_l = self.lengths[r], lead_len[gi]
+            common = np.minimum(len_r, len_l) - g.depth[gi]  # tokens both rows still have
+            win = self._window(self.starts[r] + g.depth[gi])
+            hard = np.flatnonzero((common <= _WINDOW) | (win != lead[gi]))
+            m, ident = _first_difference(win[hard], lead[gi[hard]], common[hard])
+            ident &= len_r[hard] == len_l[hard]
+            mismatch[a + hard] = np.where(ident, _WINDOW, m)
+            same[a + hard] = ident
         return mismatch, same
 
     def _window(self, base: np.ndarray) -> np.ndarray:
-        """int32 [len(base), W]: tokens[base : base + W]; positions past the end hold junk (masked)."""
-        last = self.windows.shape[0] - 1
-        mat = self.windows[np.minimum(base, last)]
+        """void [len(base)]: tokens[base : base + W] as one item; past the end they hold junk (masked)."""
+        last = self.windows.size - 1
+        win = self.windows[np.minimum(base, last)]
         late = np.flatnonzero(base > last)
         if late.size:
             idx = np.minimum(base[late, None] + np.arange(_WINDOW), self.tokens.size - 1)
-            mat[late] = self.tokens[idx]
-        return mat
+            win[late] = np.ascontiguousarray(self.tokens[idx]).view(_WINDOW_TYPE).reshape(-1)
+        return win
 
     def _finish_duplicates(self, g: _Groups) -> None:
         if g.lo.size:
