@@ -44,7 +44,9 @@ def whole_rows(tree: PrefixTree, seqs: TokenSeqs) -> WholeRows:
     first = np.concatenate([[True], key[1:] != key[:-1]])
     duplicate_of = np.empty(n, dtype=np.int64)
     duplicate_of[perm] = perm[first][np.cumsum(first) - 1]  # stable: a run starts at its least row
-    extended = np.isin(key[first], _child_edges(tree))
+    edges = np.sort(_child_edges(tree))  # np.isin would hash: ~10x slower on a million keys
+    at = np.minimum(np.searchsorted(edges, key[first]), max(edges.size - 1, 0))
+    extended = edges[at] == key[first] if edges.size else np.zeros(at.size, dtype=bool)
     return WholeRows(duplicate_of, tree.unique_prompt_tokens + int((~extended).sum()))
 
 
