@@ -99,7 +99,7 @@ def worker(data: Path, check: bool) -> dict[str, float | int | str]:
 
     seqs = TokenSeqs(np.load(data / "tokens.npy"), np.load(data / "offsets.npy"))
     t0 = time.perf_counter()
-    tree = PrefixTree.build(seqs.without_tails(np.ones(len(seqs), dtype=np.int64)))
+    tree = PrefixTree.build(seqs.heads(np.ones(len(seqs), dtype=np.int64)))  # as make_plan does
     t1 = time.perf_counter()
     plan = plan_tree(tree, seqs)
     t2 = time.perf_counter()

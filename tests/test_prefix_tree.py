@@ -370,7 +370,9 @@ def test_spans_outside_their_buffer_are_refused() -> None:
     tokens = np.arange(4, dtype=np.int32)
     with pytest.raises(ValueError, match="inside"):
         TokenSpans(tokens, np.array([0, 3]), np.array([2, 2]))
-    with pytest.raises(ValueError, match="int32"):
+    with pytest.raises(ValueError, match="contiguous buffer of int32"):
         TokenSpans(tokens.astype(np.int64), np.array([0]), np.array([2]))
+    with pytest.raises(ValueError, match="contiguous buffer of int32"):
+        TokenSpans(tokens[::2], np.array([0]), np.array([2]))
     with pytest.raises(ValueError, match="tail"):
         TokenSeqs.from_lists([[1, 2]]).heads(np.array([3]))

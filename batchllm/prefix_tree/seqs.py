@@ -97,8 +97,10 @@ class TokenSpans:
 
     def __post_init__(self) -> None:
         starts, lengths = self.starts, self.lengths
-        if starts.shape != lengths.shape or starts.ndim != 1 or self.tokens.dtype != np.int32:
-            raise ValueError("TokenSpans needs int32 tokens and 1-d starts and lengths of one size")
+        if self.tokens.dtype != np.int32 or self.tokens.ndim != 1 or not self.tokens.flags.c_contiguous:
+            raise ValueError("TokenSpans needs one contiguous buffer of int32 tokens")
+        if starts.shape != lengths.shape or starts.ndim != 1:
+            raise ValueError("TokenSpans needs 1-d starts and lengths of one size")
         inside = not starts.size or (
             starts.min() >= 0 and lengths.min() >= 0 and (starts + lengths).max() <= self.tokens.size
         )
