@@ -2,12 +2,13 @@
 without a Python loop per token.
 
 Rows are sorted lexicographically by iterative refinement: rows that agree so far form a "group";
-each round compares a window of tokens of every member against its group's first member (a gather
-and a memcmp per row; token by token only where they differ), and either moves the whole group's
-agreed depth forward by the window or, where some member differs, sorts the group by its token at
-the first difference.  Each such split is a radix node, so the tree falls out of the sort: a round
-is a few numpy calls over the still-undecided rows, and the number of rounds is about (longest
-shared run / window + nesting). Nothing is copied per token: rows may be spans of one buffer.
+each round compares a window of tokens of every member against its group's first member (one
+gather and one compare per row; the first difference is looked for only where there is one), and
+either moves the whole group's agreed depth forward by the window or, where some member differs,
+sorts the group by its token at the first difference.  Each such split is a radix node, so the tree
+falls out of the sort: a round is a few numpy calls over the still-undecided rows, and the number
+of rounds is about (longest shared run / window + nesting). Nothing is copied per token: rows may
+be spans of one buffer.
 
     order:   r7 r2 r9 r4 ...   rows in lexicographic order (any prefix's rows are contiguous)
     node v:  [lo, hi)          the positions in `order` of the rows that start with v's prefix
@@ -43,10 +44,15 @@ def sort_rows(seqs: TokenSeqs | TokenSpans) -> SortedRows:
     return _Builder(seqs).run()
 
 
-def _first_difference(win: np.ndarray, lead: np.ndarray, common: np.ndarray):
-    """Per row: the first of its window's tokens (only the first ``common`` count) that differs
-    from the leader's, or the window if none does; and whether that is ``common`` itself."""
-    eq = win.view(np.int32).reshape(-1, _WINDOW) == lead.view(np.int32).reshape(-1, _WINDOW)
+def _tokens(windows: np.ndarray) -> np.ndarray:
+    """int32 [N, W]: the tokens of N windows (a view)."""
+    return windows.view(np.int32).reshape(-1, _WINDOW)
+
+
+def _first_difference(eq: np.ndarray, common: np.ndarray):
+    """Per row of ``eq`` (bool [N, W]: a row's window token by token against its leader's): the
+    first token that differs (only the first ``common`` count), or the window if none does; and
+    whether that is ``common`` itself."""
     m = eq.argmin(axis=1)
     m[eq[np.arange(m.size), m]] = _WINDOW  # argmin of an all-true row is 0
     m = np.minimum(m, common)  # tokens past either row's end are junk
@@ -78,7 +84,8 @@ class _Builder:
         if tokens.size < 2 * _WINDOW:
             tokens = np.concatenate([tokens, np.zeros(2 * _WINDOW, dtype=np.int32)])
         self.tokens = tokens
-        # void [T - W + 1]: item i is tokens[i : i + W], so one row's window is one gather and one memcmp
+        # void [T - W + 1]: item i is tokens[i : i + W]. numpy gathers such an item faster than W int32s
+        # (a sliding_window_view); it compares them faster as int32s (void items go byte by byte).
         self.windows = np.ndarray((tokens.size - _WINDOW + 1,), _WINDOW_TYPE, tokens, strides=(4,))
         empty = self.lengths == 0  # they end at the root and sort first
         self.order = np.concatenate([np.flatnonzero(empty), np.flatnonzero(~empty)])
@@ -130,17 +137,17 @@ class _Builder:
     def _compare_to_leader(self, pos: np.ndarray, gidx: np.ndarray, g: _Groups):
         """Per row: tokens after the group depth that agree with the group's first row (capped at
         the window), and whether the row is identical to that first row. A row with more than a
-        window left that matches the leader's whole window (one memcmp) is the common case."""
+        window left that matches the leader's whole window is the common case."""
         lead, lead_len = self._window(self.start_at[g.lo] + g.depth), self.length_at[g.lo]
         mismatch = np.full(pos.size, _WINDOW, dtype=np.int64)
         same = np.zeros(pos.size, dtype=bool)
         for a in range(0, pos.size, _CHUNK_ROWS):
             p, gi = pos[a : a + _CHUNK_ROWS], gidx[a : a + _CHUNK_ROWS]
-            len_r, len_l = self.length_at[p], lead_len[gi]
-            common = np.minimum(len_r, len_l) - g.depth[gi]  # tokens both rows still have
-            win = self._window(self.start_at[p] + g.depth[gi])
-            hard = np.flatnonzero((common <= _WINDOW) | (win != lead[gi]))
-            m, ident = _first_difference(win[hard], lead[gi[hard]], common[hard])
+            len_r, len_l, depth = self.length_at[p], lead_len[gi], g.depth[gi]
+            common = np.minimum(len_r, len_l) - depth  # tokens both rows still have
+            eq = _tokens(self._window(self.start_at[p] + depth)) == _tokens(lead[gi])  # bool [C, W]
+            hard = np.flatnonzero((common <= _WINDOW) | ~eq.all(axis=1))
+            m, ident = _first_difference(eq[hard], common[hard])
             ident &= len_r[hard] == len_l[hard]
             mismatch[a + hard] = np.where(ident, _WINDOW, m)
             same[a + hard] = ident
@@ -149,6 +156,8 @@ class _Builder:
     def _window(self, base: np.ndarray) -> np.ndarray:
         """void [len(base)]: tokens[base : base + W] as one item; past the end they hold junk (masked)."""
         last = self.windows.size - 1
+        if not base.size or base.max() <= last:  # all but the buffer's last W tokens
+            return self.windows[base]
         win = self.windows[np.minimum(base, last)]
         late = np.flatnonzero(base > last)
         if late.size:
