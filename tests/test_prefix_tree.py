@@ -317,40 +317,32 @@ PLAN_ARRAYS = ("node_length", "node_parent", "node_source_row", "node_num_rows",
 
 
 @settings(max_examples=100, deadline=None)
-@given(rows_and_tails())
-def test_a_tree_over_spans_of_the_buffer_equals_one_over_copied_rows(case) -> None:
+@given(rows_and_tails(), PLAN_OPTIONS)
+def test_plan_equals_the_reference_planner_over_copied_rows_and_a_second_tree(case, options: dict) -> None:
+    """make_plan builds over spans of the rows' own buffer and, with one-token tails, takes duplicates
+    and distinct prefixes from that tree; the reference planner (the one before) built over a copy of
+    the rows less their tails and took them from a second tree over the whole rows. Same inputs to
+    the unchanged selection, same plan."""
     rows, tails = case
-    seqs = TokenSeqs.from_lists(rows)
-    spans = seqs.heads(tails_of(rows, tails))
+    seqs, tail = TokenSeqs.from_lists(rows), tails_of(rows, tails)
+    spans = seqs.heads(tail)
     assert spans.tokens is seqs.tokens  # no token copied
-    tree, copied = PrefixTree.build(spans), PrefixTree.build(seqs.without_tails(tails_of(rows, tails)))
+    for r in range(len(rows)):
+        assert spans.row(r).tolist() == rows[r][: len(rows[r]) - tail[r]]
+    tree, copied, full = PrefixTree.build(spans), PrefixTree.build(seqs.without_tails(tail)), build(rows)[1]
     tree.check_invariants()
     for name in TREE_ARRAYS:
         assert np.array_equal(getattr(tree, name), getattr(copied, name)), name
-    for r in range(len(rows)):
-        assert spans.row(r).tolist() == rows[r][: len(rows[r]) - tails_of(rows, tails)[r]]
-
-
-@settings(max_examples=150, deadline=None)
-@given(rows_and_tails(), PLAN_OPTIONS)
-def test_plan_equals_the_reference_planner_with_a_second_tree_over_whole_rows(case, options: dict) -> None:
-    """make_plan derives duplicates and distinct prefixes from the tailed tree (one-token tails);
-    the reference builds the tailed rows as a copy and a second tree over the whole rows."""
-    rows, tails = case
-    seqs = TokenSeqs.from_lists(rows)
-    plan = make_plan(seqs, tails=None if tails is None else tails_of(rows, tails), **options)
-    plan.check_invariants()
-    copied = PrefixTree.build(seqs.without_tails(tails_of(rows, tails)))
-    full = PrefixTree.build(seqs)
-    whole = whole_rows(copied, seqs)
+    whole = whole_rows(tree, seqs)
     assert whole.duplicate_of.tolist() == full.duplicate_of().tolist() == first_equal(rows)
     assert whole.unique_prompt_tokens == full.unique_prompt_tokens == len(distinct_prefixes(rows))
+    plan = make_plan(seqs, tails=None if tails is None else tail, **options)
+    plan.check_invariants()
     reference = plan_tree(copied, seqs, **options)
     for name in PLAN_ARRAYS:
         assert np.array_equal(getattr(plan, name), getattr(reference, name)), name
     assert plan.duplicate_of.tolist() == (first_equal(rows) if options["dedup"] else list(range(len(rows))))
     assert plan.stats == reference.stats
-    assert plan.stats.unique_prompt_tokens == len(distinct_prefixes(rows))
 
 
 @pytest.mark.parametrize(
