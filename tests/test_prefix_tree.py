@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchllm.prefix_tree.plan import DEFAULT_MIN_SAVING_TOKENS, make_plan, plan_tree
-from batchllm.prefix_tree.seqs import TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans
 from batchllm.prefix_tree.tree import PrefixTree
+from batchllm.prefix_tree.whole_rows import whole_rows
 
 Rows = list[list[int]]
 TOKEN = st.integers(0, 2)
@@ -288,3 +289,82 @@ def test_rows_with_longer_tails_attach_above_them() -> None:
     plan.check_invariants()
     assert plan.node_length.tolist() == [0, 99] and plan.row_node.tolist() == [1, 1, 1]
     assert plan.stats.prefill_tokens_planned == 99 + sum(tails)
+
+
+@st.composite
+def rows_and_tails(draw) -> tuple[Rows, list[int] | None]:
+    """Rows with exact copies and prefixes of other rows mixed in, shuffled; tails of one token
+    (None: make_plan's default) or of 1..len(row) tokens (a scoring job's continuations; equal rows
+    get equal tails, else merging duplicates could not keep each one's tail to itself)."""
+    rows = draw(ROWS)
+    if rows:
+        picks = st.lists(st.integers(0, len(rows) - 1), max_size=8)
+        rows += [list(rows[i]) for i in draw(picks)]
+        rows += [rows[i][: draw(st.integers(1, len(rows[i])))] for i in draw(picks)]
+        rows = draw(st.permutations(rows))
+    if draw(st.booleans()):
+        return rows, None
+    tail = {tuple(r): draw(st.integers(1, len(r))) for r in rows}
+    return rows, [tail[tuple(r)] for r in rows]
+
+
+def tails_of(rows: Rows, tails: list[int] | None) -> np.ndarray:
+    return np.array([1] * len(rows) if tails is None else tails, dtype=np.int64).reshape(-1)
+
+
+TREE_ARRAYS = ("order", "node_length", "node_parent", "node_level", "node_lo", "node_hi", "row_leaf")
+PLAN_ARRAYS = ("node_length", "node_parent", "node_source_row", "node_num_rows", "row_order", "row_node")
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows_and_tails(), PLAN_OPTIONS)
+def test_plan_equals_the_reference_planner_over_copied_rows_and_a_second_tree(case, options: dict) -> None:
+    """make_plan builds over spans of the rows' own buffer and, with one-token tails, takes duplicates
+    and distinct prefixes from that tree; the reference planner (the one before) built over a copy of
+    the rows less their tails and took them from a second tree over the whole rows. Same inputs to
+    the unchanged selection, same plan."""
+    rows, tails = case
+    seqs, tail = TokenSeqs.from_lists(rows), tails_of(rows, tails)
+    spans = seqs.heads(tail)
+    assert spans.tokens is seqs.tokens  # no token copied
+    for r in range(len(rows)):
+        assert spans.row(r).tolist() == rows[r][: len(rows[r]) - tail[r]]
+    tree, copied, full = PrefixTree.build(spans), PrefixTree.build(seqs.without_tails(tail)), build(rows)[1]
+    tree.check_invariants()
+    for name in TREE_ARRAYS:
+        assert np.array_equal(getattr(tree, name), getattr(copied, name)), name
+    whole = whole_rows(tree, seqs)
+    assert whole.duplicate_of.tolist() == full.duplicate_of().tolist() == first_equal(rows)
+    assert whole.unique_prompt_tokens == full.unique_prompt_tokens == len(distinct_prefixes(rows))
+    plan = make_plan(seqs, tails=None if tails is None else tail, **options)
+    plan.check_invariants()
+    reference = plan_tree(copied, seqs, **options)
+    for name in PLAN_ARRAYS:
+        assert np.array_equal(getattr(plan, name), getattr(reference, name)), name
+    assert plan.duplicate_of.tolist() == (first_equal(rows) if options["dedup"] else list(range(len(rows))))
+    assert plan.stats == reference.stats
+
+
+@pytest.mark.parametrize(
+    "rows", [[], [[5]], [[5], [5]], [[5], [5, 6]], [[5, 6], [5]], [[5, 6], [5, 7], [5, 6]], [[1, 2, 3]]]
+)
+def test_whole_rows_of_the_smallest_inputs(rows: Rows) -> None:
+    seqs = TokenSeqs.from_lists(rows)
+    whole = whole_rows(PrefixTree.build(seqs.heads(np.ones(len(rows), dtype=np.int64))), seqs)
+    assert whole.duplicate_of.tolist() == first_equal(rows)
+    assert whole.unique_prompt_tokens == len(distinct_prefixes(rows))
+    plan = make_plan(seqs, min_saving_tokens=0)
+    plan.check_invariants()
+    assert plan.stats.rows == len(rows) and plan.stats.unique_prompt_tokens == len(distinct_prefixes(rows))
+
+
+def test_spans_outside_their_buffer_are_refused() -> None:
+    tokens = np.arange(4, dtype=np.int32)
+    with pytest.raises(ValueError, match="inside"):
+        TokenSpans(tokens, np.array([0, 3]), np.array([2, 2]))
+    with pytest.raises(ValueError, match="contiguous buffer of int32"):
+        TokenSpans(tokens.astype(np.int64), np.array([0]), np.array([2]))
+    with pytest.raises(ValueError, match="contiguous buffer of int32"):
+        TokenSpans(tokens[::2], np.array([0]), np.array([2]))
+    with pytest.raises(ValueError, match="tail"):
+        TokenSeqs.from_lists([[1, 2]]).heads(np.array([3]))

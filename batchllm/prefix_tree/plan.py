@@ -33,6 +33,7 @@ import numpy as np
 from batchllm.prefix_tree.nodes import by_level, node_levels, subtree_reduce
 from batchllm.prefix_tree.seqs import TokenSeqs, ragged_equal, require
 from batchllm.prefix_tree.tree import PrefixTree
+from batchllm.prefix_tree.whole_rows import whole_rows
 
 DEFAULT_MIN_SAVING_TOKENS = 32
 
@@ -137,7 +138,7 @@ class Plan:
         require(bool(np.all(last[has] - first[has] + 1 == count[has])), "a group's rows must be contiguous")
 
     def _check_tokens(self, reps: np.ndarray) -> None:
-        starts, tokens, src = self.seqs.offsets[:-1], self.seqs.tokens, self.node_source_row
+        starts, tokens, src = self.seqs.starts, self.seqs.tokens, self.node_source_row
         p = self.node_parent[1:]
         require(
             ragged_equal(tokens, starts[src[1:]], starts[src[p]], self.node_length[p]),
@@ -164,7 +165,7 @@ def make_plan(
     tails (``tails[i]`` >= 1 tokens of row i it computes itself; default 1), then `plan_tree`."""
     _check_options(min_saving_tokens)  # before the build, which is the slow part
     tails = np.ones(len(seqs), dtype=np.int64) if tails is None else np.asarray(tails, dtype=np.int64)
-    tree = PrefixTree.build(seqs.without_tails(tails))
+    tree = PrefixTree.build(seqs.heads(tails))  # spans over seqs' own buffer: no token copied
     return plan_tree(tree, seqs, sharing=sharing, min_saving_tokens=min_saving_tokens, dedup=dedup)
 
 
@@ -180,8 +181,8 @@ def plan_tree(
     docstring for the rule); rows run in the tree's lexicographic order, which is depth first."""
     _check_options(min_saving_tokens)
     n = tree.num_rows
-    full = PrefixTree.build(seqs)  # over whole rows: their duplicates and distinct tokens
-    dup = full.duplicate_of() if dedup else np.arange(n, dtype=np.int64)
+    whole = whole_rows(tree, seqs)  # duplicates and distinct tokens of the whole rows
+    dup = whole.duplicate_of if dedup else np.arange(n, dtype=np.int64)
     is_rep = dup == np.arange(n)
     ending = np.bincount(tree.row_leaf, weights=is_rep, minlength=tree.num_nodes).astype(np.int64)
     chosen = _choose(tree, ending, min_saving_tokens) if sharing else np.zeros(tree.num_nodes, bool)
@@ -196,7 +197,7 @@ def plan_tree(
     row_node = plan_id[np.where(chosen[leaf], leaf, above[leaf])]
     length = tree.node_length[idx]
     row_order = tree.order[is_rep[tree.order]]
-    stats = _stats(seqs, full.unique_prompt_tokens, length, parent, num_rows, row_node, dup)
+    stats = _stats(seqs, whole.unique_prompt_tokens, length, parent, num_rows, row_node, dup)
     return Plan(seqs, length, parent, tree.node_row[idx], num_rows, row_order, row_node, dup, stats)
 
 

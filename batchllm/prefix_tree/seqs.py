@@ -62,17 +62,56 @@ class TokenSeqs:
         """int64 [num_rows]"""
         return np.diff(self.offsets)
 
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 [num_rows]: where each row starts in ``tokens`` (a view of ``offsets``)."""
+        return self.offsets[:-1]
+
     def row(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
-    def without_tails(self, tails: np.ndarray) -> TokenSeqs:
-        """Every row less its last ``tails[i]`` tokens (1 <= tails[i] <= its length)."""
+    def heads(self, tails: np.ndarray) -> TokenSpans:
+        """Every row less its last ``tails[i]`` tokens (1 <= tails[i] <= its length), as spans over
+        this same token buffer: no token is copied."""
         lengths = self.lengths
         if tails.shape != lengths.shape or (lengths.size and (tails.min() < 1 or np.any(tails > lengths))):
             raise ValueError("each row's tail must hold between 1 token and the whole row")
-        keep = lengths - tails
+        return TokenSpans(self.tokens, self.starts, lengths - tails)
+
+    def without_tails(self, tails: np.ndarray) -> TokenSeqs:
+        """Every row less its last ``tails[i]`` tokens, copied into a buffer of their own (`heads`
+        makes the same rows without the copy)."""
+        keep = self.heads(tails).lengths
         offsets = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
         return TokenSeqs(self.tokens[ragged_arange(self.offsets[:-1], keep)], offsets)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenSpans:
+    """Rows as spans of one token buffer, which they need not cover nor tile: row i is
+    tokens[starts[i] : starts[i] + lengths[i]] (e.g. `TokenSeqs.heads`, rows less their tails)."""
+
+    tokens: np.ndarray  # int32 [total_tokens]
+    starts: np.ndarray  # int64 [num_rows]
+    lengths: np.ndarray  # int64 [num_rows], every span inside tokens
+
+    def __post_init__(self) -> None:
+        starts, lengths = self.starts, self.lengths
+        if self.tokens.dtype != np.int32 or self.tokens.ndim != 1 or not self.tokens.flags.c_contiguous:
+            raise ValueError("TokenSpans needs one contiguous buffer of int32 tokens")
+        if starts.shape != lengths.shape or starts.ndim != 1:
+            raise ValueError("TokenSpans needs 1-d starts and lengths of one size")
+        inside = not starts.size or (
+            starts.min() >= 0 and lengths.min() >= 0 and (starts + lengths).max() <= self.tokens.size
+        )
+        if not inside:
+            raise ValueError("every span must lie inside the token buffer")
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.tokens[self.starts[i] : self.starts[i] + self.lengths[i]]
 
 
 def ragged_arange(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
