@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from batchllm.io import piece_encoder
 from batchllm.io.line_split import CUT, WORD_CUT, cuts_at_lines, line_cuts, word_cuts
-from batchllm.io.piece_encoder import PieceEncoder, packed_views, row_views
+from batchllm.io.piece_encoder import PieceEncoder, buffer_spans, row_views
 from batchllm.io.prompts import Prompter
 from batchllm.prefix_tree.seqs import TokenSeqs
 
@@ -147,11 +147,12 @@ def test_cuts_match_their_rule(cutter, rule):
 def test_row_views_plan_without_a_copy():
     seqs = TokenSeqs(np.arange(10, dtype=np.int32), np.array([0, 3, 3, 7, 10]))
     views = row_views(seqs)
-    packed = packed_views([v for v in views if v.size])
-    assert packed is not None and np.shares_memory(packed.tokens, seqs.tokens)
-    assert np.array_equal(packed.tokens, seqs.tokens) and packed.lengths.tolist() == [3, 4, 3]
-    assert packed_views([views[0], views[3]]) is None  # a gap: the caller copies
-    assert packed_views([np.arange(3, dtype=np.int32)]) is None
+    spans = buffer_spans([views[3], views[2], views[2], views[1]])  # any order, repeated (--n samples)
+    assert spans is not None and np.shares_memory(spans.tokens, seqs.tokens)
+    assert spans.starts.tolist() == [7, 3, 3, 0] and spans.lengths.tolist() == [3, 4, 4, 0]
+    assert np.array_equal(spans.take(np.array([0, 0])).row(1), [7, 8, 9])
+    assert buffer_spans([np.arange(3, dtype=np.int32)]) is None  # not a view: the caller copies
+    assert buffer_spans([views[0], np.arange(10, dtype=np.int32)[2:4]]) is None  # two buffers
 
 
 def test_smollm2_tokenizer_cut_ids_match(make_rows):

@@ -270,3 +270,29 @@ def test_manifest_names_n_and_logprobs_only_when_set(tmp_path):
     sampled = dataclasses.replace(job, sampling=SamplingParams(temperature=1.0, n=2, logprobs=3))
     recorded = output_settings(sampled, tmp_path, None, {})["sampling"]
     assert (recorded["n"], recorded["logprobs"]) == (2, 3)
+
+
+def test_samples_are_planned_over_the_windows_own_buffer(tmp_path):
+    """--n N plans each prompt's N samples as spans of the window's one token buffer: no token copied,
+    the same plan as over copied rows."""
+    from batchllm.config import JobSpec, SamplingParams
+    from batchllm.io.piece_encoder import row_views
+    from batchllm.job.windows import Window
+    from batchllm.prefix_tree.seqs import TokenSpans
+
+    rng = np.random.default_rng(1)
+    rows = [np.concatenate([np.arange(1, 41), rng.integers(50, 90, size=k)]) for k in (5, 9, 1, 7)]
+    buffer = TokenSeqs.from_lists([r.astype(np.int32) for r in rows])
+    n = len(rows)
+    window = Window(0, pa.array(range(n)), None, row_views(buffer), [None] * n, np.zeros(n, dtype=bool))
+    sampling = SamplingParams(n=3, temperature=1.0)
+    job = JobSpec(input=tmp_path / "in.jsonl", model="m", output=tmp_path / "o.parquet", sampling=sampling)
+    planned = window_plan.plan_window(job, window)
+    seqs = planned.plan.seqs
+    assert isinstance(seqs, TokenSpans) and np.shares_memory(seqs.tokens, buffer.tokens)
+    assert seqs.starts.tolist() == np.repeat(buffer.starts, 3).tolist()
+    copied = make_plan(TokenSeqs.from_lists([r for r in rows for _ in range(3)]), dedup=False)
+    planned.plan.check_invariants()
+    assert planned.plan.stats == copied.stats
+    assert np.array_equal(planned.plan.row_order, copied.row_order)
+    assert np.array_equal(planned.plan.row_node, copied.row_node)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from batchllm.config import JobSpec
-from batchllm.io.piece_encoder import packed_views
+from batchllm.io.piece_encoder import buffer_spans
 from batchllm.job.samples import expand_samples
 from batchllm.job.scoring import Continuations
 from batchllm.job.units import PlannedRows
@@ -29,13 +31,16 @@ def plan_window(job: JobSpec, window: Window, continuations: list[Continuations]
     params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
     n = job.sampling.n
     counts = n if params is None or n == 1 else [n if p is None else p.n for p in params]
+    spans = buffer_spans(prompts)  # the window's buffer, uncopied (None: the rows are not views of one)
     block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, counts, job.sampling.seed)
+    if spans is not None and len(prompts) != len(spans):  # samples: each prompt's span repeated
+        spans = spans.take(np.repeat(np.arange(len(spans)), counts))
     if params is not None and n > 1:
         params = [p for p, c in zip(params, counts) for _ in range(c)]
     share = job.engine.prefix_sharing
     # Duplicates are merged only when nothing but the prompt decides a row's output.
     own = window.params is not None or job.schema_column is not None or job.scoring.column is not None
-    seqs = packed_views(prompts) or TokenSeqs.from_lists(prompts)  # the window's buffer, uncopied
+    seqs = spans if spans is not None else TokenSeqs.from_lists(prompts)
     plan = make_plan(seqs, sharing=share, dedup=share and job.sampling.greedy and not own)
     conts = None if continuations is None else [continuations[i] for i in runnable.tolist()]
     planned = PlannedRows(block, prompts, keys, job.sampling.max_new_tokens, params, conts)

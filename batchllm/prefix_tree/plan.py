@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from batchllm.prefix_tree.nodes import by_level, node_levels, subtree_reduce
-from batchllm.prefix_tree.seqs import TokenSeqs, ragged_equal, require
+from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans, ragged_equal, require
 from batchllm.prefix_tree.tree import PrefixTree
 from batchllm.prefix_tree.whole_rows import whole_rows
 
@@ -87,7 +87,7 @@ class PlanStats:
 class Plan:
     """Chosen prefix nodes (DFS preorder, node 0 = root, parents first) and the rows' schedule."""
 
-    seqs: TokenSeqs
+    seqs: TokenSeqs | TokenSpans  # the rows planned (spans: samples of a prompt share its tokens)
     node_length: np.ndarray  # int64 [num_nodes]
     node_parent: np.ndarray  # int64 [num_nodes]; -1 only at the root
     node_source_row: np.ndarray  # int64 [num_nodes]
@@ -154,7 +154,7 @@ class Plan:
 
 
 def make_plan(
-    seqs: TokenSeqs,
+    seqs: TokenSeqs | TokenSpans,
     *,
     tails: np.ndarray | None = None,
     sharing: bool = True,
@@ -171,7 +171,7 @@ def make_plan(
 
 def plan_tree(
     tree: PrefixTree,
-    seqs: TokenSeqs,
+    seqs: TokenSeqs | TokenSpans,
     *,
     sharing: bool = True,
     min_saving_tokens: int = DEFAULT_MIN_SAVING_TOKENS,
@@ -229,7 +229,7 @@ def _chosen_above(tree: PrefixTree, chosen: np.ndarray) -> np.ndarray:
     return above
 
 
-def _stats(seqs: TokenSeqs, unique: int, length, parent, num_rows, row_node, dup) -> PlanStats:
+def _stats(seqs: TokenSeqs | TokenSpans, unique: int, length, parent, num_rows, row_node, dup) -> PlanStats:
     lengths = seqs.lengths
     reps = np.flatnonzero(dup == np.arange(dup.size))
     own = length[1:] - length[parent[1:]]

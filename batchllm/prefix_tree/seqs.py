@@ -73,10 +73,7 @@ class TokenSeqs:
     def heads(self, tails: np.ndarray) -> TokenSpans:
         """Every row less its last ``tails[i]`` tokens (1 <= tails[i] <= its length), as spans over
         this same token buffer: no token is copied."""
-        lengths = self.lengths
-        if tails.shape != lengths.shape or (lengths.size and (tails.min() < 1 or np.any(tails > lengths))):
-            raise ValueError("each row's tail must hold between 1 token and the whole row")
-        return TokenSpans(self.tokens, self.starts, lengths - tails)
+        return _heads(self.tokens, self.starts, self.lengths, tails)
 
     def without_tails(self, tails: np.ndarray) -> TokenSeqs:
         """Every row less its last ``tails[i]`` tokens, copied into a buffer of their own (`heads`
@@ -112,6 +109,20 @@ class TokenSpans:
 
     def row(self, i: int) -> np.ndarray:
         return self.tokens[self.starts[i] : self.starts[i] + self.lengths[i]]
+
+    def heads(self, tails: np.ndarray) -> TokenSpans:
+        """As ``TokenSeqs.heads``."""
+        return _heads(self.tokens, self.starts, self.lengths, tails)
+
+    def take(self, rows: np.ndarray) -> TokenSpans:
+        """These rows (any may repeat: ``--n`` samples of one prompt), still over the same buffer."""
+        return TokenSpans(self.tokens, self.starts[rows], self.lengths[rows])
+
+
+def _heads(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, tails: np.ndarray) -> TokenSpans:
+    if tails.shape != lengths.shape or (lengths.size and (tails.min() < 1 or np.any(tails > lengths))):
+        raise ValueError("each row's tail must hold between 1 token and the whole row")
+    return TokenSpans(tokens, starts, lengths - tails)
 
 
 def ragged_arange(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from batchllm.prefix_tree.seqs import TokenSeqs
+from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans
 from batchllm.prefix_tree.tree import PrefixTree
 
 _TOKEN_BITS = np.int64(31)  # token ids lie in [0, 2**31): (node << 31) | token is a unique int64
@@ -29,7 +29,7 @@ class WholeRows(NamedTuple):
     unique_prompt_tokens: int  # distinct non-empty prefixes of the whole rows
 
 
-def whole_rows(tree: PrefixTree, seqs: TokenSeqs) -> WholeRows:
+def whole_rows(tree: PrefixTree, seqs: TokenSeqs | TokenSpans) -> WholeRows:
     """Duplicates and distinct prefixes of ``seqs``, given ``tree`` built over them less their tails."""
     n = len(seqs)
     if n == 0:
