@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from batchllm.io import piece_encoder
 from batchllm.io.line_split import CUT, WORD_CUT, cuts_at_lines, line_cuts, word_cuts
 from batchllm.io.piece_encoder import PieceEncoder, buffer_spans, row_views
-from batchllm.io.prompts import Prompter
+from batchllm.io.prompts import PromptBatch, Prompter
 from batchllm.prefix_tree.seqs import TokenSeqs
 
 # Boundaries that would merge if cut there (a prefix ending in a space, mid-word, in a newline that the
@@ -93,6 +93,20 @@ def test_a_wrong_cut_is_caught_by_the_window_check(tokenizer_dir, make_rows, mon
     _assert_same(new, _whole(tokenizer, PREFIXES[1], False, texts))
 
 
+def test_a_window_whose_first_part_has_no_prompt_checks_the_next(tokenizer_dir, make_rows, monkeypatch):
+    """The first rows with a prompt are checked, whichever part of a window they come in."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    monkeypatch.setattr(piece_encoder, "line_cuts", _after_first_space)
+    texts = _texts(make_rows)
+    prompter = Prompter(tokenizer, PREFIXES[1], chat=False)
+    pending = prompter.encode_pending([None, None], ["skipped", "skipped"])  # a committed first part
+    pending = prompter.encode_pending(texts, None, None, pending)
+    assert prompter.cut is False
+    new = pending.pack()
+    assert new.errors[:2] == ["skipped", "skipped"] and new.token_ids[:2] == [None, None]
+    _assert_same(PromptBatch(new.token_ids[2:], new.errors[2:]), _whole(tokenizer, PREFIXES[1], False, texts))
+
+
 def test_distinct_pieces_are_tokenized_once(tokenizer_dir):
     backend = AutoTokenizer.from_pretrained(tokenizer_dir)._tokenizer
     seen: list[str] = []
@@ -137,8 +151,10 @@ def _pieces(rows: list[str], cutter=line_cuts) -> list[list[str]]:
 def test_cuts_match_their_rule(cutter, rule):
     """Rows of newlines next to ASCII, Unicode and control spaces, letters and CJK, cut all at once."""
     rng = random.Random(0)
-    alphabet = list("a \n\t\r\x1c\u0085\u00a0\u2003\u2028\u3000é中")
+    alphabet = list("a \n\t\r\x00\x1c\u0085\u00a0\u2003\u2028\u3000é中")
     assert not any(chr(c).isspace() for c in range(0x3001, sys.maxunicode + 1))  # line_split's _SPACES
+    edges = ["a \x00\xa0", "a\n\x00\xa0", "x\n\x00", "\xa0y", "\n\n", "\u3000\nb c", "b\n\u0085 c"]
+    assert _pieces(edges, cutter) == [[p for p in rule.split(r) if p] for r in edges]
     for _ in range(300):
         rows = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5)]
         assert _pieces(rows, cutter) == [[p for p in rule.split(r) if p] for r in rows]

@@ -4,6 +4,7 @@ whole; the next window is read in a thread while the engine runs this one."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_read_ahead_reads_one_window_ahead_and_raises_what_reading_raised():
 
     ahead = ReadAhead(items())
     assert next(ahead) == 0
+    time.sleep(0.3)
+    assert read == [0, 1]  # the next item only: the caller's and that one are all that is alive
     assert next(ahead) == 1
     gate.set()
     assert next(ahead) == 2
@@ -67,17 +70,21 @@ def test_read_ahead_reads_one_window_ahead_and_raises_what_reading_raised():
     assert list(ReadAhead(iter(range(4)))) == [0, 1, 2, 3]
 
 
-def test_a_closed_read_ahead_stops_its_thread():
+def test_a_closed_read_ahead_stops_its_thread_and_closes_the_items():
     produced: list[int] = []
+    closed = threading.Event()
 
     def endless():
         i = 0
-        while True:
-            produced.append(i)
-            yield i
-            i += 1
+        try:
+            while True:
+                produced.append(i)
+                yield i
+                i += 1
+        finally:
+            closed.set()
 
     with ReadAhead(endless()) as ahead:
         assert next(ahead) == 0
     ahead._thread.join(5)
-    assert not ahead._thread.is_alive() and len(produced) <= 4
+    assert not ahead._thread.is_alive() and closed.is_set() and len(produced) <= 2

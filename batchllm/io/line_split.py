@@ -83,7 +83,8 @@ def _space_starting_at(data: np.ndarray, first: np.ndarray) -> np.ndarray:
     byte = data[first].astype(np.int64)
     two = (byte << 8) | data[np.minimum(first + 1, end)]
     three = (two << 8) | data[np.minimum(first + 2, end)]
-    return _ASCII_SPACE[byte] | np.isin(two, _WIDE_SPACE) | np.isin(three, _WIDE_SPACE)
+    wide = (byte >= 0xC2) & (np.isin(two, _WIDE_SPACE) | np.isin(three, _WIDE_SPACE))  # a lead byte only
+    return _ASCII_SPACE[byte] | wide
 
 
 def backend_of(tokenizer: Any) -> Any | None:

@@ -48,12 +48,12 @@ class Distinct:
         codes = strings.dictionary_encode()
         distinct = codes.dictionary
         found = np.full(len(distinct), -1, np.int64)
-        if self.known:
-            known = pa.concat_arrays(self.known)
-            self.known = [known]
-            self.known_numbers = [np.concatenate(self.known_numbers)]
-            at = pc.index_in(distinct, value_set=known).fill_null(-1).to_numpy()
-            found = np.where(at >= 0, self.known_numbers[0][at], -1)
+        if self.known:  # the known strings probe a hash of this batch's (not the other way: ~5x dearer)
+            at = pc.index_in(pa.chunked_array(self.known), value_set=distinct).fill_null(-1).to_numpy()
+            numbers = np.concatenate(self.known_numbers)
+            self.known_numbers = [numbers]
+            hit = np.flatnonzero(at >= 0)
+            found[at[hit]] = numbers[hit]
         new = np.flatnonzero(found < 0)
         if new.size:
             fresh = distinct.take(pa.array(new))

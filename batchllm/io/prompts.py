@@ -35,6 +35,7 @@ class PendingPrompts:
     def __init__(self, encoder: PieceEncoder) -> None:
         self.encoder = encoder
         self.errors: list[str | None] = []
+        self.checked = False  # whether some of its rows were compared with whole-prompt encoding
 
     def __len__(self) -> int:
         return len(self.errors)
@@ -124,18 +125,21 @@ class Prompter:
         if pending.encoder.backend is None:
             pending.add_done(self._encode_slowly(texts, errors, systems))
             return pending
-        first = len(pending) == 0
         for lo in range(0, len(texts), PIECE_BATCH_ROWS):
             end = min(lo + PIECE_BATCH_ROWS, len(texts))
             self._add_rows(pending.encoder, lo, end, texts, errors, systems)
-        if first and not self._first_rows_same(pending.encoder, texts, errors, systems):
+        compared = 0 if pending.checked else self._first_rows_same(pending, texts, errors, systems)
+        if compared is None:
             logger.warning("fast tokenization (%s) changed token ids; falling back", self._mode())
             if self.words:  # words, then lines, then whole prompts, then the tokenizer itself
                 self.words = False
             else:
                 self.cut, self.fast = False, not self.cut
             pending.encoder = self.new_pending().encoder
+            for _ in range(len(pending)):  # rows before went unchecked: none had a prompt
+                pending.encoder.add_failed()
             return self.encode_pending(texts, errors, systems, pending)
+        pending.checked = pending.checked or compared > 0
         pending.errors += errors
         return pending
 
@@ -178,15 +182,19 @@ class Prompter:
 
     def _first_rows_same(
         self,
-        encoder: PieceEncoder,
+        pending: PendingPrompts,
         texts: list[str | None],
         errors: list[str | None],
         systems: list[str | None] | None,
-    ) -> bool:
-        """Whether a window's first rows encode as their whole prompts do (the per-window check)."""
-        rows = [i for i, t in enumerate(texts) if t is not None][:CHECK_ROWS]
-        first = list(row_views(encoder.pack(rows[-1] + 1))) if rows else []
-        return self._same_as_whole(texts, first, [i for i in rows if errors[i] is None], systems)
+    ) -> int | None:
+        """The per-window check: the first rows with a prompt, just added, encoded whole too. How many
+        rows were compared (0: none had a prompt yet, the next part is checked), or None on a difference."""
+        rows = [i for i, t in enumerate(texts) if t is not None and errors[i] is None][:CHECK_ROWS]
+        if not rows:
+            return 0
+        base = len(pending)  # rows added by earlier calls
+        first = list(row_views(pending.encoder.pack(base + rows[-1] + 1)))[base:]
+        return len(rows) if self._same_as_whole(texts, first, rows, systems) else None
 
     def _add_rows(
         self,
@@ -223,11 +231,11 @@ class Prompter:
         rows: list[int],
         systems: list[str | None] | None,
     ) -> bool:
-        """Whether the first rows' ids equal those of their whole prompts (the per-window check)."""
+        """Whether these rows' ids equal their whole prompts' (a row rejected one way only: a difference)."""
         own = None if systems is None else [systems[i] for i in rows]
         whole = self._encode_all([texts[i] for i in rows], own)
         return all(
-            ids is None or (token_ids[i] is not None and np.array_equal(ids, token_ids[i]))
+            ids is not None and token_ids[i] is not None and np.array_equal(ids, token_ids[i])
             for i, (ids, _) in zip(rows, whole)
         )
 
