@@ -14,8 +14,9 @@ from transformers import AutoTokenizer
 
 from batchllm.io import piece_encoder
 from batchllm.io.line_split import CUT, WORD_CUT, cuts_at_lines, line_cuts, word_cuts
-from batchllm.io.piece_encoder import PieceEncoder, buffer_spans, row_views
+from batchllm.io.piece_encoder import PieceEncoder, row_views
 from batchllm.io.prompts import PromptBatch, Prompter
+from batchllm.job.windows import Window
 from batchllm.prefix_tree.seqs import TokenSeqs
 
 # Boundaries that would merge if cut there (a prefix ending in a space, mid-word, in a newline that the
@@ -160,15 +161,19 @@ def test_cuts_match_their_rule(cutter, rule):
         assert _pieces(rows, cutter) == [[p for p in rule.split(r) if p] for r in rows]
 
 
-def test_row_views_plan_without_a_copy():
+def test_rows_are_planned_as_spans_of_their_one_buffer():
     seqs = TokenSeqs(np.arange(10, dtype=np.int32), np.array([0, 3, 3, 7, 10]))
     views = row_views(seqs)
-    spans = buffer_spans([views[3], views[2], views[2], views[1]])  # any order, repeated (--n samples)
+    assert [v.tolist() for v in views] == [[0, 1, 2], [], [3, 4, 5, 6], [7, 8, 9]]
+    assert all(np.shares_memory(v, seqs.tokens) for v in views if v.size)
+    window = Window(0, pa.array(range(4)), None, views, [None] * 4, np.zeros(4, bool), packed=seqs)
+    spans = window.spans(np.array([3, 2, 2, 0]))  # any order, repeated (--n samples)
     assert spans is not None and np.shares_memory(spans.tokens, seqs.tokens)
-    assert spans.starts.tolist() == [7, 3, 3, 0] and spans.lengths.tolist() == [3, 4, 4, 0]
+    assert spans.starts.tolist() == [7, 3, 3, 0] and spans.lengths.tolist() == [3, 4, 4, 3]
     assert np.array_equal(spans.take(np.array([0, 0])).row(1), [7, 8, 9])
-    assert buffer_spans([np.arange(3, dtype=np.int32)]) is None  # not a view: the caller copies
-    assert buffer_spans([views[0], np.arange(10, dtype=np.int32)[2:4]]) is None  # two buffers
+    assert (
+        Window(0, pa.array(range(4)), None, views, [None] * 4, np.zeros(4, bool)).spans(np.arange(4)) is None
+    )
 
 
 def test_smollm2_tokenizer_cut_ids_match(make_rows):

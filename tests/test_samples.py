@@ -284,7 +284,8 @@ def test_samples_are_planned_over_the_windows_own_buffer(tmp_path):
     rows = [np.concatenate([np.arange(1, 41), rng.integers(50, 90, size=k)]) for k in (5, 9, 1, 7)]
     buffer = TokenSeqs.from_lists([r.astype(np.int32) for r in rows])
     n = len(rows)
-    window = Window(0, pa.array(range(n)), None, row_views(buffer), [None] * n, np.zeros(n, dtype=bool))
+    views = row_views(buffer)
+    window = Window(0, pa.array(range(n)), None, views, [None] * n, np.zeros(n, dtype=bool), packed=buffer)
     sampling = SamplingParams(n=3, temperature=1.0)
     job = JobSpec(input=tmp_path / "in.jsonl", model="m", output=tmp_path / "o.parquet", sampling=sampling)
     planned = window_plan.plan_window(job, window)

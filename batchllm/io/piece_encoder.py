@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchllm.io.line_split import line_cuts, word_cuts
-from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans, ragged_arange
+from batchllm.prefix_tree.seqs import TokenSeqs, ragged_arange
 
 GATHER_PIECES = 1 << 18  # piece occurrences gathered at a time (bounds the int64 index array)
 ENCODE_CHARS = 1 << 22  # characters tokenized per call (bounds the Python id lists, ~36 bytes an id)
@@ -227,22 +227,3 @@ def row_views(seqs: TokenSeqs) -> list[np.ndarray]:
     """Each row of ``seqs`` as a view of its one buffer (no copy)."""
     tokens, bounds = seqs.tokens, seqs.offsets.tolist()
     return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def buffer_spans(rows: list[np.ndarray]) -> TokenSpans | None:
-    """``rows`` as spans of the one int32 buffer they are views of (what ``row_views`` gives, in any order,
-    repeated or not), without a copy; None when they are not views of one buffer."""
-    if not rows or not all(isinstance(r, np.ndarray) for r in rows):
-        return None
-    base = rows[0].base
-    if base is None or base.dtype != np.int32 or base.ndim != 1 or not base.flags.c_contiguous:
-        return None
-    if any(r.base is not base or r.dtype != np.int32 or r.ndim != 1 for r in rows):
-        return None
-    if not all(r.flags.c_contiguous for r in rows):
-        return None
-    origin = base.__array_interface__["data"][0]
-    starts = np.fromiter((r.__array_interface__["data"][0] for r in rows), np.int64, count=len(rows))
-    lengths = np.fromiter((r.size for r in rows), np.int64, count=len(rows))
-    starts = np.where(lengths > 0, (starts - origin) // 4, 0)  # an empty view's address means nothing
-    return TokenSpans(base, starts, lengths)

@@ -12,6 +12,7 @@ from batchllm.errors import JobError
 from batchllm.io.line_split import backend_of, cuts_at_lines, cuts_at_words, special_ids
 from batchllm.io.messages import conversation
 from batchllm.io.piece_encoder import PieceEncoder, row_views
+from batchllm.prefix_tree.seqs import TokenSeqs
 
 logger = logging.getLogger(__name__)
 ENCODE_BATCH_ROWS = 4096  # rows tokenized whole at a time
@@ -23,6 +24,7 @@ CHECK_ROWS = 32  # rows per window whose cut encoding is compared with their who
 class PromptBatch:
     token_ids: list[np.ndarray | None]  # int32 [prompt_len] per row; None where the row failed
     errors: list[str | None]  # why a row failed; None on success
+    packed: TokenSeqs | None = None  # the one buffer every row's ids are a view of (row i: row i), if any
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -47,11 +49,12 @@ class PendingPrompts:
         self.errors += batch.errors
 
     def pack(self) -> PromptBatch:
-        token_ids: list[np.ndarray | None] = list(row_views(self.encoder.pack()))
+        packed = self.encoder.pack()
+        token_ids: list[np.ndarray | None] = list(row_views(packed))
         for i, e in enumerate(self.errors):
             if e is not None:
                 token_ids[i] = None
-        return PromptBatch(token_ids, self.errors)
+        return PromptBatch(token_ids, self.errors, packed)
 
 
 class Prompter:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchllm.config import JobSpec
-from batchllm.io.piece_encoder import buffer_spans
 from batchllm.job.samples import expand_samples
 from batchllm.job.scoring import Continuations
 from batchllm.job.units import PlannedRows
@@ -31,7 +30,7 @@ def plan_window(job: JobSpec, window: Window, continuations: list[Continuations]
     params = None if window.params is None else [window.params[i] for i in runnable.tolist()]
     n = job.sampling.n
     counts = n if params is None or n == 1 else [n if p is None else p.n for p in params]
-    spans = buffer_spans(prompts)  # the window's buffer, uncopied (None: the rows are not views of one)
+    spans = window.spans(runnable)  # the window's buffer, uncopied
     block, prompts, keys = expand_samples(window.block(runnable), prompts, keys, counts, job.sampling.seed)
     if spans is not None and len(prompts) != len(spans):  # samples: each prompt's span repeated
         spans = spans.take(np.repeat(np.arange(len(spans)), counts))

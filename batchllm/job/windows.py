@@ -16,6 +16,7 @@ from batchllm.io.reader import open_input
 from batchllm.io.row_params import row_params
 from batchllm.io.source import CONVERT_ROWS, InputSource, RowBatch
 from batchllm.job.rows import RowBlock
+from batchllm.prefix_tree.seqs import TokenSeqs, TokenSpans
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,13 @@ class Window:
     skip: np.ndarray  # bool [rows]: committed by an earlier attempt
     params: list[SamplingParams | None] | None = None  # [rows] a row's own settings (None: the job's)
     schemas: list[str | None] | None = None  # [rows] each row's JSON Schema text (--schema-column)
+    packed: TokenSeqs | None = None  # the buffer token_ids are views of (row i: row i), when read so
+
+    def spans(self, rows: np.ndarray) -> TokenSpans | None:
+        """These rows' prompts as spans of the window's one buffer (none copied), or None without one."""
+        if self.packed is None:
+            return None
+        return TokenSpans(self.packed.tokens, self.packed.starts[rows], self.packed.lengths[rows])
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -158,7 +166,9 @@ class _WindowRows:
             for ids, err, row_max_new in zip(prompts.token_ids, prompts.errors, max_new)
         ]
         token_ids, schemas = prompts.token_ids, whole.schemas
-        return Window(whole.start, whole.ids, whole.keep, token_ids, errors, done, params, schemas)
+        return Window(
+            whole.start, whole.ids, whole.keep, token_ids, errors, done, params, schemas, prompts.packed
+        )
 
 
 def _params(
